@@ -1,0 +1,82 @@
+"""Typed, validated run configuration shared by every layer.
+
+One flat, frozen model so that search spaces and `--set key=value` address parameters by their
+plain names (`lr`, `pca_std`, ...). Defaults are the report's hand-picked configuration
+(../shared/reference/report-facts.md); the search starts from exactly these values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; saved with every run and checkpoint."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- data -------------------------------------------------------------------------------
+    data_dir: Path | None = None  # None -> the generated demo dataset
+    image_size: int = Field(224, ge=32, le=1024)  # report: 224x224, bilinear
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # report: 20% held out
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # of the rest; the search selects on it
+    split_seed: int = 42  # report: seed 42
+    cache_dir: Path | None = None  # decoded-image cache; None -> ~/.cache/prado_dist
+
+    # --- model ------------------------------------------------------------------------------
+    model: str = "resnet29"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # before the classifier; report: none
+    pretrained: Path | None = None  # transfer learning: local weight file (no downloads)
+    unfreeze_stages: int = Field(0, ge=0)  # transfer learning: 0 = frozen backbone (report)
+    # BatchNorm running-statistics momentum (PyTorch sense). None keeps the models' Keras value
+    # 0.01, right for the report's 50 epochs x 59 steps; runs of a few dozen steps need ~0.1, or
+    # evaluation uses statistics that are still mostly their initial values.
+    bn_momentum: float | None = Field(None, gt=0.0, le=1.0)
+
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: int = Field(50, ge=1)  # report: 50 (transfer learning: 25)
+    batch_size: int = Field(32, ge=1)  # global batch across all workers; report: 32
+    lr: float = Field(1e-3, gt=0.0)  # report: Adam, lr 1e-3
+    decay: float = Field(0.05, ge=0.0)  # lr *= exp(-decay) per epoch after decay_start
+    decay_start: int = Field(10, ge=0)  # report: lr unchanged for epochs 0-9
+    weight_decay: float = Field(0.0, ge=0.0)  # report: none
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # report: none
+    class_weights: bool = True  # report: n / (|C| * n_c)
+    output_bias: bool = True  # report: softmax(b) = class frequencies
+
+    # --- augmentation -----------------------------------------------------------------------
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)  # report: 0.5
+    pca_std: float = Field(0.1, ge=0.0)  # report: std of alpha 0.1
+
+    # --- execution --------------------------------------------------------------------------
+    seed: int = 42
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with `overrides` applied and validated again (unknown keys are rejected)."""
+        unknown = sorted(set(overrides) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {unknown}; known settings: {sorted(type(self).model_fields)}"
+            )
+        try:
+            return type(self).model_validate({**self.model_dump(), **overrides})
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+
+
+class ConfigError(ValueError):
+    """A configuration value a user supplied is invalid; the message says what is accepted."""
+
+
+def format_validation_error(err: ValidationError, source: str = "") -> str:
+    """One line per problem: `source: key: message (got value)`."""
+    prefix = f"{source}: " if source else ""
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        lines.append(f"{prefix}{key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,313 @@
+"""Decode once: every image decoded, resized and stored in a memory-mapped uint8 array on disk.
+
+Training then reads pixels straight from the page cache instead of decoding JPEGs every epoch in
+every Ray worker (bench/data_pipeline.py measures the difference). One cache folder per content:
+
+    cache_dir/<key>/images.npy   uint8 (N, H, W, 3), opened with np.load(mmap_mode="r")
+    cache_dir/<key>/meta.json    labels, classes, source paths, rejected files, image size
+    cache_dir/<key>.lock         held while a process builds <key>; others wait, then reuse it
+
+`key` hashes the file contents (not their paths, so a moved dataset keeps its cache), labels,
+classes, image size and `CACHE_FORMAT_VERSION`. A folder is built under a temporary name and
+renamed into place, so a reader never sees a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock, Timeout
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from prado_dist.data.sources import DataError, Sample, SampleSet
+
+logger = logging.getLogger(__name__)
+
+# Bump whenever decoding or the on-disk format changes, so old caches are not reused.
+CACHE_FORMAT_VERSION = 1
+CACHE_ENV = "PRADO_DIST_CACHE"
+IMAGES_FILE = "images.npy"
+META_FILE = "meta.json"
+
+_HASH_CHUNK = 1 << 20
+# Pillow releases the GIL while decoding and resizing, so threads decode in parallel without the
+# start-up cost of processes; more than 8 gains little on the Prado JPEGs.
+_MAX_WORKERS = 8
+# Images are decoded in chunks so out-of-order results never pile up in memory.
+_DECODE_CHUNK = 256
+_WHITE = (255, 255, 255)
+
+
+class ImageRejected(Exception):
+    """An image file that cannot be used; the message is the reason reported to the user."""
+
+
+@dataclass
+class DecodedCache:
+    """An opened cache folder."""
+
+    key: str
+    directory: Path
+    images: np.ndarray  # np.memmap, uint8 (N, H, W, 3), read-only
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+    paths: list[Path]  # source file of each image
+    rejected: list[tuple[Path, str]]  # files that could not be decoded
+
+
+def default_cache_dir() -> Path:
+    """`$PRADO_DIST_CACHE`, else `~/.cache/prado_dist`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prado_dist").expanduser()
+
+
+def decode_image(path: Path, image_size: int) -> np.ndarray:
+    """Decode one file to a uint8 (image_size, image_size, 3) RGB array; `ImageRejected` if unusable.
+
+    Resized bilinearly to a square, ignoring the aspect ratio, like the report's tf resize.
+    Pillow's bilinear filter widens its support when shrinking (antialiased), unlike tf's default;
+    for the Prado images this is the more faithful of the two, and the cache is decoded only once.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageRejected("empty file (0 bytes)")
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            width, height = image.size
+            if min(width, height) < 2:
+                raise ImageRejected(f"degenerate image of {width}x{height} px; both sides must be >= 2 px")
+            rgb = to_rgb(image)
+            return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as err:
+        limit = Image.MAX_IMAGE_PIXELS
+        raise ImageRejected(f"larger than Pillow's MAX_IMAGE_PIXELS ({limit}): {err}") from err
+    except UnidentifiedImageError as err:
+        raise ImageRejected("not an image Pillow can read") from err
+    except FileNotFoundError as err:
+        raise ImageRejected("file not found") from err
+    # Pillow's decoders signal corrupt or truncated input with many exception types
+    # (OSError, SyntaxError, ValueError, EOFError, struct.error, ...); all mean "unusable file".
+    except Exception as err:
+        raise ImageRejected(f"corrupt or truncated image ({type(err).__name__}: {err})") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of any Pillow image: alpha composited on white, 16/32-bit rescaled."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return _high_depth_to_rgb(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        # Paintings with transparent margins: plain convert("RGB") would expose whatever colour
+        # the transparent pixels happen to hold (often black); a white page is what a viewer sees.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        # Float images are conventionally 0..1; anything larger is taken as already 0..255.
+        full_scale = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    else:
+        # Mode "I" also holds 8-bit data from some decoders; only rescale what needs it.
+        peak = values.max(initial=0.0)
+        full_scale = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    gray = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(sample_set: SampleSet, image_size: int) -> str:
+    """The content fingerprint naming a cache folder (also used to tag runs)."""
+    # hashlib releases the GIL on large buffers, so threads hash files in parallel.
+    with ThreadPoolExecutor(decode_workers()) as pool:
+        digests = list(pool.map(file_digest, (sample.path for sample in sample_set.samples)))
+    description = {
+        "format": CACHE_FORMAT_VERSION,
+        "image_size": image_size,
+        "classes": list(sample_set.classes),
+        "items": [[digest, sample.label] for digest, sample in zip(digests, sample_set.samples, strict=True)],
+    }
+    return hashlib.sha256(json.dumps(description, separators=(",", ":")).encode()).hexdigest()
+
+
+def build_cache(sample_set: SampleSet, image_size: int, cache_dir: Path | None = None) -> DecodedCache:
+    """Open the cache for these samples, decoding and writing it first if it does not exist yet.
+
+    Safe for concurrent processes: one builds under a file lock, the others wait and reuse.
+    """
+    if image_size < 2:
+        raise ValueError(f"image_size must be at least 2 pixels, got {image_size}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(sample_set, image_size)
+    directory = cache_dir / key
+
+    cached = _open_if_complete(directory, key, image_size, sample_set)
+    if cached is not None:
+        return cached
+    lock = FileLock(str(cache_dir / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another process to finish building cache %s", directory)
+        lock.acquire()
+    try:
+        cached = _open_if_complete(directory, key, image_size, sample_set)
+        if cached is not None:
+            return cached
+        if directory.exists():
+            # Only reachable if a cache folder was damaged by hand; rebuild it.
+            logger.warning("removing incomplete cache folder %s", directory)
+            shutil.rmtree(directory)
+        for leftover in cache_dir.glob(f"{_staging_prefix(key)}*"):  # from a killed build; we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        _write_cache(sample_set, image_size, key, directory)
+    finally:
+        lock.release()
+    cached = _open_if_complete(directory, key, image_size, sample_set)
+    if cached is None:
+        raise RuntimeError(f"cache {directory} was written but cannot be read back")
+    return cached
+
+
+def _write_cache(sample_set: SampleSet, image_size: int, key: str, directory: Path) -> None:
+    samples = sample_set.samples
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(key), dir=directory.parent))
+    try:
+        images_path = staging / IMAGES_FILE
+        shape = (len(samples), image_size, image_size, 3)
+        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=shape)
+        kept, rejected = _decode_into(images, samples, image_size)
+        images.flush()
+        del images
+        if not kept:
+            problems = [f"{samples[index].path}: {reason}" for index, reason in rejected[:3]]
+            raise DataError(
+                f"none of the {len(samples)} image files could be decoded; first problems: {problems}"
+            )
+        if len(kept) < len(samples):
+            _shrink_npy(images_path, len(kept))
+        meta = {
+            "format": CACHE_FORMAT_VERSION,
+            "key": key,
+            "image_size": image_size,
+            "classes": list(sample_set.classes),
+            "labels": [samples[i].label for i in kept],
+            # Sample indices, not paths: the key ignores paths, so the same cache serves a dataset
+            # that was moved or renamed, and paths are resolved against the current sample list.
+            "kept": kept,
+            "rejected": [[index, reason] for index, reason in rejected],
+            "paths_when_built": [str(samples[i].path) for i in kept],
+        }
+        # meta.json written last inside the staging folder; the rename below publishes both at once.
+        (staging / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=0), encoding="utf-8")
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("cached %d images (%d rejected) in %s", len(kept), len(rejected), directory)
+
+
+def _staging_prefix(key: str) -> str:
+    return f".{key}.building-"
+
+
+def _decode_into(
+    images: np.ndarray, samples: Sequence[Sample], image_size: int
+) -> tuple[list[int], list[tuple[int, str]]]:
+    """Decode `samples` into consecutive rows of `images`; kept and rejected sample indices."""
+    kept: list[int] = []
+    rejected: list[tuple[int, str]] = []
+
+    def decode(index: int) -> np.ndarray | ImageRejected:
+        try:
+            return decode_image(samples[index].path, image_size)
+        except ImageRejected as err:
+            return err
+
+    with (
+        ThreadPoolExecutor(decode_workers()) as pool,
+        tqdm(total=len(samples), desc="decoding images", unit="img", disable=None) as progress,
+    ):
+        for start in range(0, len(samples), _DECODE_CHUNK):
+            indices = range(start, min(start + _DECODE_CHUNK, len(samples)))
+            for index, result in zip(indices, pool.map(decode, indices), strict=True):
+                if isinstance(result, ImageRejected):
+                    logger.warning("skipping %s: %s", samples[index].path, result)
+                    rejected.append((index, str(result)))
+                else:
+                    images[len(kept)] = result
+                    kept.append(index)
+                progress.update()
+    return kept, rejected
+
+
+def _shrink_npy(path: Path, rows: int) -> None:
+    """Rewrite an .npy file keeping its first `rows` rows (rejected images leave unused rows)."""
+    full = np.load(path, mmap_mode="r")
+    shrunk_path = path.with_suffix(".shrunk.npy")
+    shape = (rows, *full.shape[1:])
+    shrunk = np.lib.format.open_memmap(shrunk_path, mode="w+", dtype=full.dtype, shape=shape)
+    for start in range(0, rows, _DECODE_CHUNK):
+        shrunk[start : start + _DECODE_CHUNK] = full[start : min(start + _DECODE_CHUNK, rows)]
+    shrunk.flush()
+    del shrunk, full
+    os.replace(shrunk_path, path)
+
+
+def _open_if_complete(
+    directory: Path, key: str, image_size: int, sample_set: SampleSet
+) -> DecodedCache | None:
+    """The cache in `directory`, or None when it is absent or does not match what was asked."""
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        images = np.load(directory / IMAGES_FILE, mmap_mode="r")
+        labels = np.asarray(meta["labels"], dtype=np.int64)
+        expected_shape = (len(labels), image_size, image_size, 3)
+        if meta["format"] != CACHE_FORMAT_VERSION or meta["key"] != key or images.shape != expected_shape:
+            raise ValueError(f"images {images.shape} or metadata do not match {expected_shape}")
+        samples = sample_set.samples
+        return DecodedCache(
+            key=key,
+            directory=directory,
+            images=images,
+            labels=labels,
+            classes=list(meta["classes"]),
+            paths=[samples[index].path for index in meta["kept"]],
+            rejected=[(samples[index].path, reason) for index, reason in meta["rejected"]],
+        )
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        logger.warning("ignoring unusable cache %s: %s", directory, err)
+        return None
+
+
+def decode_workers() -> int:
+    """Threads that hash and decode: one per core, at most `_MAX_WORKERS`."""
+    return max(1, min(_MAX_WORKERS, os.cpu_count() or 1))

@@ -1,0 +1,30 @@
+"""Ray Train layer: the engine's `TrainingRun` on data-parallel workers (DDP) with checkpoints.
+
+Imports the engine below it; knows nothing of Ray Tune.
+"""
+
+from prado_dist.distributed.resources import ResourceError, WorkerResources, check_fits, max_concurrent_runs
+from prado_dist.distributed.trainer import (
+    SELECTION_METRIC,
+    best_checkpoint_file,
+    build_trainer,
+    connect,
+    run_training,
+    storage_uri,
+)
+from prado_dist.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "SELECTION_METRIC",
+    "ResourceError",
+    "WorkerResources",
+    "best_checkpoint_file",
+    "build_trainer",
+    "check_fits",
+    "connect",
+    "max_concurrent_runs",
+    "run_training",
+    "storage_uri",
+    "train_loop_per_worker",
+]

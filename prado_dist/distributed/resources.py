@@ -1,0 +1,97 @@
+"""Sizing Ray resources deliberately, and refusing requests that can never be scheduled.
+
+Ray queues a request that does not fit the cluster forever (Train V2 eventually raises a
+WorkerGroupStartupTimeoutError); checking the request against `ray.cluster_resources()` first
+turns that into an immediate error that says what was asked and what exists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+
+
+class ResourceError(ValueError):
+    """A resource request that the Ray cluster cannot satisfy."""
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one Ray Train run asks for: `workers` processes, each with these CPUs/GPUs."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ResourceError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ResourceError(f"cpus per worker must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ResourceError(f"gpus per worker must be >= 0, got {self.gpus_per_worker}")
+        if self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer():
+            raise ResourceError(f"more than one GPU per worker must be a whole number, got {self.gpus_per_worker}")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def per_worker(self) -> dict[str, float]:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        return resources
+
+    @property
+    def total_cpus(self) -> float:
+        return self.workers * self.cpus_per_worker
+
+    @property
+    def total_gpus(self) -> float:
+        return self.workers * self.gpus_per_worker
+
+
+def local_ray_init_kwargs(num_cpus: int | None = None) -> dict:
+    """Arguments for starting a local Ray instance sized to this machine.
+
+    Logical CPUs are counted as the machine's cores (at least 2, so that one trial driver and one
+    worker always fit); the driver of a trial reserves almost nothing (see prado_dist.search).
+    """
+    cpus = num_cpus if num_cpus is not None else max(2, os.cpu_count() or 1)
+    return {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}
+
+
+def check_fits(request: WorkerResources, concurrent: int = 1) -> None:
+    """Raise `ResourceError` unless `concurrent` runs of `request` fit the connected cluster."""
+    available = ray.cluster_resources()
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    problems = []
+    if request.total_cpus * concurrent > cpus + 1e-9:
+        problems.append(
+            f"{concurrent} x {request.workers} workers x {request.cpus_per_worker} CPUs = "
+            f"{request.total_cpus * concurrent:g} CPUs, but the cluster has {cpus:g}"
+        )
+    if request.total_gpus * concurrent > gpus + 1e-9:
+        problems.append(
+            f"{concurrent} x {request.workers} workers x {request.gpus_per_worker} GPUs = "
+            f"{request.total_gpus * concurrent:g} GPUs, but the cluster has {gpus:g}"
+        )
+    if problems:
+        raise ResourceError(
+            "the requested resources can never be scheduled: "
+            + "; ".join(problems)
+            + ". Lower --workers / --cpus-per-worker / --gpus-per-worker / --max-concurrent, or add nodes."
+        )
+
+
+def max_concurrent_runs(request: WorkerResources) -> int:
+    """How many runs of `request` fit the cluster at once (at least 1 after `check_fits`)."""
+    available = ray.cluster_resources()
+    limits = [math.floor(available.get("CPU", 0.0) / request.total_cpus + 1e-9)]
+    if request.use_gpu:
+        limits.append(math.floor(available.get("GPU", 0.0) / request.total_gpus + 1e-9))
+    return max(1, min(limits))

@@ -1,0 +1,80 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+It is a thin shell around the engine's `TrainingRun`: Ray supplies the rank, the device and
+DDP (`prepare_model`), restores the latest checkpoint after a failure, and receives every
+epoch's metrics and checkpoint through `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch.distributed as dist
+
+from prado_dist.config import TrainConfig
+from prado_dist.data import prepare_data
+from prado_dist.engine import TrainingRun, load_checkpoint, save_checkpoint
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def load_training_data(config: TrainConfig):
+    """The decoded cache for `config` on this node (built once under a lock if this node lacks it)."""
+    if config.data_dir is None:
+        raise ValueError("TrainConfig.data_dir must be resolved (demo or real data) before training starts")
+    return prepare_data(
+        config.data_dir,
+        config.image_size,
+        cache_dir=config.cache_dir,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+    )
+
+
+def _gather(value: str) -> list[str]:
+    """`value` from every rank (a single-element list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; `loop_config["config"]` is a `TrainConfig` as JSON."""
+    config = TrainConfig.model_validate_json(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    run = TrainingRun(
+        config,
+        load_training_data(config),
+        rank=rank,
+        world_size=context.get_world_size(),
+        local_rank=context.get_local_rank(),
+        device=ray.train.torch.get_device(),
+        # DDP with gloo on CPU, NCCL on GPU; a single worker is left unwrapped.
+        wrap_model=ray.train.torch.prepare_model,
+    )
+    node_ids = ",".join(sorted(set(_gather(ray.get_runtime_context().get_node_id()))))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            run.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=run.device))
+
+    def report(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
+        # Every rank must call report; only rank 0 writes the (identical) state as a checkpoint.
+        with tempfile.TemporaryDirectory() as directory:
+            reported = None
+            if rank == 0:
+                save_checkpoint(Path(directory) / CHECKPOINT_FILE, run.state_dict(epoch))
+                reported = ray.train.Checkpoint.from_directory(directory)
+            # node_ids: the Ray nodes this run's workers train on (multi-node placement is visible).
+            ray.train.report({**metrics, "node_ids": node_ids}, checkpoint=reported)
+
+    run.fit(on_epoch_end=report)

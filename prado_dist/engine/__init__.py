@@ -1,0 +1,29 @@
+"""Training engine: the report's recipe as plain PyTorch, with no Ray imports.
+
+`TrainingRun` (session.py) builds a run from a `TrainConfig`; `train_one_epoch` / `evaluate`
+(loop.py) are the loops; metrics.py turns summed counts into metrics; checkpoint.py saves
+weights-only-loadable checkpoints; schedule.py is the report's learning-rate schedule.
+"""
+
+from prado_dist.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prado_dist.engine.loop import InputPipeline, NonFiniteLossError, evaluate, train_one_epoch
+from prado_dist.engine.metrics import Counts, metrics_from_counts
+from prado_dist.engine.schedule import exponential_decay_after
+from prado_dist.engine.session import TrainingRun, evaluate_checkpoint, resolve_device, unwrap
+
+__all__ = [
+    "CheckpointError",
+    "Counts",
+    "InputPipeline",
+    "NonFiniteLossError",
+    "TrainingRun",
+    "evaluate",
+    "evaluate_checkpoint",
+    "exponential_decay_after",
+    "load_checkpoint",
+    "metrics_from_counts",
+    "resolve_device",
+    "save_checkpoint",
+    "train_one_epoch",
+    "unwrap",
+]

@@ -1,0 +1,233 @@
+"""A training run assembled from a `TrainConfig`: model, optimiser, schedule, loss, loaders.
+
+`TrainingRun` is the one training loop of prado_dist. The single-process CLI drives it directly;
+the Ray Train layer (prado_dist.distributed) drives the same object on every worker, passing its
+rank, the world size and a function that wraps the model for data parallelism. Nothing here
+imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from prado_dist.config import TrainConfig
+from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, split_counts
+from prado_dist.engine.loop import InputPipeline, evaluate, train_one_epoch, weighted_cross_entropy
+from prado_dist.engine.schedule import exponential_decay_after
+from prado_dist.models import create_model
+
+EpochCallback = Callable[[int, dict[str, float], "TrainingRun"], None]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cpu_threads(local_world_size: int = 1) -> int:
+    """Intra-op threads per process: Ray's OMP_NUM_THREADS when set, else the cores shared out."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+
+
+class ShardSampler(Sampler[int]):
+    """Every `world_size`-th index from `rank`: disjoint shards covering a split exactly once.
+
+    Unlike DistributedSampler, it never pads, so no validation image is counted twice.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+class TrainingRun:
+    """Everything one (possibly data-parallel) training run needs, built from `config`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: PreparedData,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        device: torch.device | None = None,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        loader_workers: int | None = None,
+    ) -> None:
+        if config.batch_size % world_size:
+            raise ValueError(
+                f"the global batch size {config.batch_size} must be divisible by the {world_size} workers"
+            )
+        self.config = config
+        self.data = data
+        self.classes = list(data.classes)
+        self.rank, self.world_size = rank, world_size
+        self.device = device or resolve_device(config.device, local_rank)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads())
+        seed_everything(config.seed)
+
+        train_counts = split_counts(data)["train"]
+        model = create_model(config.model, num_classes=len(self.classes), **self._model_kwargs(train_counts))
+        if config.bn_momentum is not None:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = config.bn_momentum
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        self.pipeline = InputPipeline(config.flip_prob, config.pca_std, getattr(model, "pixel_mean_std", None))
+        weights = torch.tensor(class_weights(train_counts), dtype=torch.float32, device=self.device)
+        self.loss_fn = weighted_cross_entropy(weights if config.class_weights else None, config.label_smoothing)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # Keras Adam defaults (report): beta1 0.9, beta2 0.999, epsilon 1e-7.
+        self.optimizer = torch.optim.Adam(
+            trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=config.weight_decay
+        )
+        self.scheduler = exponential_decay_after(self.optimizer, config.decay_start, config.decay)
+        self.model = wrap_model(model) if wrap_model is not None else model
+        # bf16 autocast on GPUs (tensor cores); full precision on the CPU, where it would be slower.
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.loaders = self._make_loaders(loader_workers)
+        self.start_epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    def _model_kwargs(self, train_counts: list[int]) -> dict[str, Any]:
+        config = self.config
+        kwargs: dict[str, Any] = {"image_size": config.image_size}
+        if config.output_bias:
+            kwargs["output_bias"] = output_bias(train_counts).tolist()
+        if config.dropout:
+            kwargs["dropout"] = config.dropout
+        if config.pretrained is not None:
+            kwargs["pretrained"] = config.pretrained
+        if config.unfreeze_stages:
+            kwargs["unfreeze_stages"] = config.unfreeze_stages
+        return kwargs
+
+    def _make_loaders(self, workers: int | None) -> dict[str, DataLoader]:
+        on_gpu = self.device.type == "cuda"
+        # Batches are memcpy'd from the memory-mapped cache: on a CPU-only machine extra loader
+        # processes only compete with training for the same cores; on a GPU they keep it fed.
+        workers = workers if workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
+        common = {"num_workers": workers, "pin_memory": on_gpu, "persistent_workers": workers > 0}
+        per_rank_batch = self.config.batch_size // self.world_size
+        train = PaintingsDataset(self.data, "train")
+        self.train_sampler = DistributedSampler(
+            train, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.config.seed
+        )
+        loaders = {"train": DataLoader(train, per_rank_batch, sampler=self.train_sampler, **common)}
+        for split in ("val", "test"):
+            dataset = PaintingsDataset(self.data, split)
+            sampler = ShardSampler(len(dataset), self.rank, self.world_size)
+            loaders[split] = DataLoader(dataset, per_rank_batch, sampler=sampler, **common)
+        return loaders
+
+    # --- one epoch ----------------------------------------------------------------------------
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch, step the schedule, evaluate on validation; the epoch's metrics."""
+        self.train_sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 1009 + self.rank)
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics = train_one_epoch(
+            self.model,
+            self.loaders["train"],
+            self.optimizer,
+            self.loss_fn,
+            self.pipeline,
+            device=self.device,
+            epoch=epoch,
+            classes=self.classes,
+            generator=generator,
+            autocast_dtype=self.autocast_dtype,
+        )
+        self.scheduler.step()
+        val_metrics, _ = self.evaluate("val")
+        return {"epoch": epoch, "lr": lr, **metrics, **val_metrics}
+
+    def evaluate(self, split: str = "val") -> tuple[dict[str, float], Any]:
+        """Metrics of the current model over a whole split (and the summed confusion counts)."""
+        return evaluate(
+            unwrap(self.model),  # no DDP needed to evaluate: each rank reads its own shard
+            self.loaders[split],
+            self.loss_fn,
+            self.pipeline,
+            device=self.device,
+            classes=self.classes,
+            prefix=f"{split}_",
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def fit(self, on_epoch_end: EpochCallback | None = None) -> list[dict[str, float]]:
+        """Train from `start_epoch` to `config.epochs`, calling `on_epoch_end` after every epoch."""
+        for epoch in range(self.start_epoch, self.config.epochs):
+            metrics = self.run_epoch(epoch)
+            self.history.append(metrics)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics, self)
+        return self.history
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        """A weights-only-loadable checkpoint of the state after `epoch`."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "config": self.config.model_dump_json(),
+            "classes": self.classes,
+            "history": self.history,
+            "data_fingerprint": self.data.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the checkpointed epoch with the same weights, optimiser state and schedule."""
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state.get("history", []))
+        self.start_epoch = int(state["epoch"]) + 1
+
+
+def evaluate_checkpoint(
+    state: dict[str, Any], data: PreparedData, split: str = "test", device: str = "auto"
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics and confusion matrix of a checkpoint's model on one split (single process)."""
+    config = TrainConfig.model_validate_json(state["config"]).with_overrides({"device": device})
+    run = TrainingRun(config, data)
+    unwrap(run.model).load_state_dict(state["model"])
+    metrics, counts = run.evaluate(split)
+    return metrics, counts.confusion

@@ -1,0 +1,359 @@
+"""The report's transfer-learning models: a frozen timm backbone + global pooling + one new Dense layer.
+
+The report (section "Transfer learning"; ../shared/reference/report-facts.md) used Keras applications
+with ImageNet weights, `include_top=False`, frozen, each with its own `preprocess_input`, then global
+pooling (VGG19: max, the others: average) and one new Dense(5, softmax). The timm equivalents:
+
+| name              | Keras application | timm backbone          |
+|-------------------|-------------------|------------------------|
+| `efficientnet_b3` | EfficientNetV2B3  | `tf_efficientnetv2_b3` |
+| `resnet50v2`      | ResNet50V2        | `resnetv2_50`          |
+| `mobilenetv2`     | MobileNetV2       | `mobilenetv2_100`      |
+| `vgg19`           | VGG19             | `vgg19`                |
+
+`timm:<name>` (through `create_model`) wraps any other timm model the same way, with average pooling.
+
+Weights are never downloaded: `pretrained` is a local `.safetensors` / `.pth` file, or "hf-cache" for
+an already-populated Hugging Face cache read with the hub forced offline.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from prado_dist.models._layers import check_num_classes, make_classifier
+from prado_dist.models._registry import register_model
+
+HF_CACHE = "hf-cache"
+
+# report name -> (timm backbone, global pooling of the report's head)
+TRANSFER_BACKBONES: dict[str, tuple[str, str]] = {
+    "efficientnet_b3": ("tf_efficientnetv2_b3", "avg"),
+    "resnet50v2": ("resnetv2_50", "avg"),
+    "mobilenetv2": ("mobilenetv2_100", "avg"),
+    "vgg19": ("vgg19", "max"),
+}
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def export_command(timm_name: str) -> str:
+    """A one-liner that writes the ImageNet weights of `timm_name` to a file this module can load."""
+    return (
+        'python -c "import timm, safetensors.torch as st; '
+        f"m = timm.create_model('{timm_name}', pretrained=True); "
+        f"st.save_file(m.state_dict(), '{timm_name}.safetensors')\""
+    )
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from `.safetensors` (safetensors.torch) or `.pth`/`.pt` (torch.load, tensors only)."""
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints often nest the weights; accept the two usual keys.
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        return state
+    raise ValueError(f"unsupported weight file {path}: expected a .safetensors, .pth, .pt or .bin file")
+
+
+def load_backbone_weights(backbone: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state_dict` into `backbone`, strict except for the ImageNet classifier's keys.
+
+    Every backbone tensor must be present with the right shape; keys the backbone lacks are accepted
+    only when they belong to the classifier (timm `pretrained_cfg["classifier"]`) or VGG's fc6/fc7
+    `pre_logits`, which `include_top=False` drops as well. Anything else raises, listing the keys.
+    """
+    classifier = backbone.pretrained_cfg.get("classifier") or ()
+    classifier_names = [classifier] if isinstance(classifier, str) else list(classifier)
+    droppable = (*(f"{name}." for name in classifier_names), "pre_logits.", "head.")
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(key for key in set(state_dict) - set(expected) if not key.startswith(droppable))
+    wrong_shape = sorted(
+        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
+    )
+    if missing or unexpected or wrong_shape:
+        labelled = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong_shape}
+        problems = [
+            f"{label} ({len(keys)}): {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+            for label, keys in labelled.items()
+            if keys
+        ]
+        raise ValueError(
+            f"weights in {source} do not match timm model '{backbone.pretrained_cfg.get('architecture')}': "
+            + "; ".join(problems)
+        )
+    backbone.load_state_dict({key: state_dict[key] for key in expected})
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """Force huggingface_hub offline: it reads HF_HUB_OFFLINE once at import, so patch its constant too."""
+    from huggingface_hub import constants
+
+    previous_env, previous_constant = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous_constant
+        if previous_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous_env
+
+
+def build_backbone(timm_name: str, pretrained: Path | str | None) -> nn.Module:
+    """timm model without classifier and pooling (`forward_features` gives the unpooled feature map)."""
+    if not timm.is_model(timm_name):
+        raise ValueError(f"unknown timm model {timm_name!r}; see timm.list_models() for the available names")
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
+    if pretrained == HF_CACHE:
+        from huggingface_hub import constants
+
+        try:
+            with hub_offline():
+                backbone = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as err:  # hub errors differ by version (LocalEntryNotFoundError, OSError, ...)
+            hub_id = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None) or timm_name
+            raise FileNotFoundError(
+                f"no cached pretrained weights for timm model '{timm_name}' (hub repo {hub_id}) in the "
+                f"Hugging Face cache {constants.HF_HUB_CACHE}; nothing is downloaded here. On a machine "
+                f"with internet run `{export_command(timm_name)}` and pass the file as pretrained=<path>, "
+                f"or fill a cache there with timm.create_model('{timm_name}', pretrained=True) and copy "
+                f"it to this one. ({type(err).__name__}: {err})"
+            ) from err
+    else:
+        backbone = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if isinstance(backbone, timm.models.VGG):
+        # timm's VGG keeps fc6/fc7 as a 4096-wide conv MLP (`pre_logits`, ~120M parameters) that its
+        # forward() runs even with num_classes=0; Keras VGG19(include_top=False) has no fc layers.
+        # forward_features() is the conv stack with its final max pool (Keras "block5_pool").
+        backbone.pre_logits = nn.Identity()
+    if pretrained is not None and pretrained != HF_CACHE:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pretrained weights for timm model '{timm_name}' not found: expected a file at {path} "
+                f"(e.g. {timm_name}.safetensors). Weights are never downloaded here; on a machine with "
+                f"internet run `{export_command(timm_name)}` and copy the file over, or use "
+                f"pretrained='{HF_CACHE}' with an existing Hugging Face cache."
+            )
+        load_backbone_weights(backbone, read_weight_file(path), source=str(path))
+    return backbone
+
+
+def backbone_stages(backbone: nn.Module) -> list[list[str]]:
+    """Names of the backbone's modules grouped into stages, first to last; stages without weights dropped.
+
+    A stage ends at each module that timm's `feature_info` taps, the one stage description every timm
+    model carries (its `features_only` mode relies on it): stem + blocks up to the first tap form stage
+    0, and modules after the last tap (EfficientNet's conv_head/bn2, ResNetV2's final norm) join the last
+    stage. timm's `group_matcher` is not used: its granularity varies (per conv for VGG, the final norm
+    alone for ResNetV2). Without `feature_info` the whole backbone is one stage.
+    """
+    names = [name for name, _ in backbone.named_modules() if name]
+    ends: list[int] = []
+    for info in getattr(backbone, "feature_info", []):
+        tap = info["module"]
+        inside = [i for i, name in enumerate(names) if name == tap or name.startswith(tap + ".")]
+        if inside:
+            ends.append(inside[-1])
+    ends = sorted(set(ends)) or [len(names) - 1]
+    stages: list[list[str]] = [[] for _ in ends]
+    for position, name in enumerate(names):
+        stages[min(bisect_left(ends, position), len(ends) - 1)].append(name)
+
+    def has_weights(stage: list[str]) -> bool:
+        return any(True for name in stage for _ in backbone.get_submodule(name).parameters(recurse=False))
+
+    return [stage for stage in stages if has_weights(stage)]
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+class TransferModel(nn.Module):
+    """timm backbone (frozen except its last `unfreeze_stages` stages) + pool + dropout + new Linear.
+
+    Frozen stages stay in eval mode even under `model.train()`, so their BatchNorm statistics never
+    move: the Keras base model was called with its BN layers in inference mode as well.
+    """
+
+    def __init__(
+        self,
+        timm_name: str,
+        num_classes: int = 5,
+        image_size: int = 224,
+        output_bias: Sequence[float] | None = None,
+        dropout: float = 0.0,
+        pretrained: Path | str | None = None,
+        unfreeze_stages: int = 0,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        if global_pool not in ("avg", "max"):
+            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+        self.timm_name = timm_name
+        self.num_classes = num_classes
+        self.image_size = image_size  # informational: global pooling accepts any input size
+        self.backbone = build_backbone(timm_name, pretrained)
+        self.num_features: int = self.backbone.num_features
+
+        self.data_config: dict[str, Any] = timm.data.resolve_data_config({}, model=self.backbone)
+        # The input normalisation the backbone was trained with, on 0..1 pixels (the engine applies it).
+        self.pixel_mean_std: tuple[tuple[float, ...], tuple[float, ...]] = (
+            tuple(self.data_config["mean"]),
+            tuple(self.data_config["std"]),
+        )
+
+        self.stages = backbone_stages(self.backbone)
+        if not 0 <= unfreeze_stages <= len(self.stages):
+            raise ValueError(
+                f"unfreeze_stages must be between 0 and {len(self.stages)} (the stages of {timm_name}), "
+                f"got {unfreeze_stages}"
+            )
+        self.unfreeze_stages = unfreeze_stages
+        trainable_stages = self.stages[len(self.stages) - unfreeze_stages :] if unfreeze_stages else []
+        trainable_modules = {name for stage in trainable_stages for name in stage}
+        self.backbone.requires_grad_(False)
+        for name in trainable_modules:
+            self.backbone.get_submodule(name).requires_grad_(True)
+        # Everything else stays in eval mode (see train()); "" is the backbone itself.
+        all_modules = {name for name, _ in self.backbone.named_modules()}
+        self.frozen_modules = all_modules - trainable_modules
+
+        self.global_pool = nn.AdaptiveMaxPool2d(1) if global_pool == "max" else nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(dropout)
+        self.classifier = self._make_classifier(num_classes, output_bias)
+        self.train()
+
+    def _make_classifier(self, num_classes: int, output_bias: Sequence[float] | None) -> nn.Module:
+        # Keras Dense default initialiser: the report's new head sets none.
+        return make_classifier(self.num_features, num_classes, output_bias, init="glorot_uniform")
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        # Set the flag module by module (not recursively) so a frozen container does not switch its
+        # trainable children to eval mode, nor a trainable one its frozen children to train mode.
+        for name, module in self.backbone.named_modules():
+            module.training = mode and name not in self.frozen_modules
+        return self
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, output_bias: Sequence[float] | None = None) -> None:
+        check_num_classes(num_classes)
+        self.num_classes = num_classes
+        self.classifier = self._make_classifier(num_classes, output_bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's unpooled feature map (B, num_features, H', W')."""
+        return self.backbone.forward_features(x)
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (B, num_features): what a feature cache stores for a frozen backbone."""
+        return torch.flatten(self.global_pool(self.forward_features(x)), 1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool (unless `x` is already pooled, (B, F)), dropout, classify."""
+        if x.ndim == 4:
+            x = torch.flatten(self.global_pool(x), 1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --- registered constructors ------------------------------------------------------------------------
+
+
+def _report_transfer_model(name: str, **kwargs: Any) -> TransferModel:
+    timm_name, global_pool = TRANSFER_BACKBONES[name]
+    return TransferModel(timm_name, global_pool=global_pool, **kwargs)
+
+
+@register_model("efficientnet_b3")
+def efficientnet_b3(
+    num_classes: int = 5,
+    image_size: int = 224,
+    output_bias: Sequence[float] | None = None,
+    dropout: float = 0.0,
+    pretrained: Path | str | None = None,
+    unfreeze_stages: int = 0,
+) -> TransferModel:
+    """Keras EfficientNetV2B3 -> timm `tf_efficientnetv2_b3`, average pooling (the report's best model)."""
+    return _report_transfer_model(
+        "efficientnet_b3", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
+        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
+    )  # fmt: skip
+
+
+@register_model("resnet50v2")
+def resnet50v2(
+    num_classes: int = 5,
+    image_size: int = 224,
+    output_bias: Sequence[float] | None = None,
+    dropout: float = 0.0,
+    pretrained: Path | str | None = None,
+    unfreeze_stages: int = 0,
+) -> TransferModel:
+    """Keras ResNet50V2 -> timm `resnetv2_50`, average pooling."""
+    return _report_transfer_model(
+        "resnet50v2", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
+        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
+    )  # fmt: skip
+
+
+@register_model("mobilenetv2")
+def mobilenetv2(
+    num_classes: int = 5,
+    image_size: int = 224,
+    output_bias: Sequence[float] | None = None,
+    dropout: float = 0.0,
+    pretrained: Path | str | None = None,
+    unfreeze_stages: int = 0,
+) -> TransferModel:
+    """Keras MobileNetV2 -> timm `mobilenetv2_100`, average pooling."""
+    return _report_transfer_model(
+        "mobilenetv2", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
+        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
+    )  # fmt: skip
+
+
+@register_model("vgg19")
+def vgg19(
+    num_classes: int = 5,
+    image_size: int = 224,
+    output_bias: Sequence[float] | None = None,
+    dropout: float = 0.0,
+    pretrained: Path | str | None = None,
+    unfreeze_stages: int = 0,
+) -> TransferModel:
+    """Keras VGG19 -> timm `vgg19` conv stack only (no fc6/fc7), global *max* pooling as in the report."""
+    return _report_transfer_model(
+        "vgg19", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
+        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
+    )  # fmt: skip

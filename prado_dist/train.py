@@ -1,0 +1,171 @@
+"""`python -m prado_dist.train`: train one model with the report's configuration.
+
+By default the run goes through Ray Train (`TorchTrainer`, W=1 included), on this machine or on
+the cluster at `--address`; `--single-process` runs the same engine in this process without Ray.
+Either way the best epoch's checkpoint is evaluated once on the test split, and the confusion
+matrix (text, PNG, CSV) and learning curves (PNG) are written to the run's output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from prado_dist.config import ConfigError, TrainConfig
+from prado_dist.data import DataError, PreparedData, prepare_data, split_counts
+from prado_dist.data.demo import demo_data_dir
+from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, save_checkpoint
+from prado_dist.engine.reporting import (
+    confusion_table,
+    epoch_line,
+    plot_confusion,
+    plot_learning_curves,
+    write_confusion_csv,
+)
+
+DEFAULTS = TrainConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m prado_dist.train", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default=DEFAULTS.model, help="a name from prado_dist.models.list_models()")
+    parser.add_argument("--data", type=Path, default=None, help="dataset root; omitted: the generated demo set")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--decay", type=float, default=DEFAULTS.decay)
+    parser.add_argument("--decay-start", type=int, default=DEFAULTS.decay_start)
+    parser.add_argument("--pca-std", type=float, default=DEFAULTS.pca_std)
+    parser.add_argument("--flip-prob", type=float, default=DEFAULTS.flip_prob)
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    parser.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
+    parser.add_argument("--dropout", type=float, default=DEFAULTS.dropout)
+    parser.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum; default: Keras 0.01")
+    parser.add_argument("--pretrained", type=Path, default=None, help="transfer models: local weight file")
+    parser.add_argument("--unfreeze-stages", type=int, default=0, help="transfer models: stages to fine-tune")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (single-process runs)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/train-MODEL-TIME)")
+    ray_group = parser.add_argument_group("Ray Train")
+    ray_group.add_argument("--workers", type=int, default=1, help="data-parallel workers")
+    ray_group.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    ray_group.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs per worker")
+    ray_group.add_argument("--address", default=None, help="Ray cluster address; omitted: a local Ray")
+    ray_group.add_argument("--storage", default=None, help="Ray storage path or URI (default OUT/ray)")
+    ray_group.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from checkpoint")
+    ray_group.add_argument("--single-process", action="store_true", help="no Ray: train in this process")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, data_dir: Path) -> TrainConfig:
+    fields = {
+        "model": args.model, "data_dir": data_dir, "epochs": args.epochs, "image_size": args.image_size,
+        "batch_size": args.batch_size, "lr": args.lr, "decay": args.decay, "decay_start": args.decay_start,
+        "pca_std": args.pca_std, "flip_prob": args.flip_prob, "weight_decay": args.weight_decay,
+        "label_smoothing": args.label_smoothing, "dropout": args.dropout, "bn_momentum": args.bn_momentum, "pretrained": args.pretrained,
+        "unfreeze_stages": args.unfreeze_stages, "seed": args.seed, "device": args.device,
+    }
+    return TrainConfig().with_overrides(fields)
+
+
+def resolve_data_dir(data: Path | None) -> Path:
+    """`data`, or the built-in demo set with a note on how to use the real paintings."""
+    if data is not None:
+        return data
+    path = demo_data_dir()
+    print(
+        f"No --data given: using the generated demo paintings in {path} (not real paintings).\n"
+        "For the Prado images: python -m prado_dist.data fetch --csv prado.csv --out DIR, then --data DIR.",
+        flush=True,
+    )
+    return path
+
+
+def train_single_process(config: TrainConfig, data: PreparedData, out: Path) -> tuple[dict, list[dict]]:
+    """Train in this process, keeping the best epoch's checkpoint; returns (best state, history)."""
+    run = TrainingRun(config, data)
+    best = {"score": float("-inf"), "path": out / "best.pt"}
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
+        print(epoch_line(metrics, config.epochs), flush=True)
+        save_checkpoint(out / "last.pt", run.state_dict(epoch))
+        if metrics["val_balanced_accuracy"] > best["score"]:
+            best["score"] = metrics["val_balanced_accuracy"]
+            save_checkpoint(best["path"], run.state_dict(epoch))
+
+    history = run.fit(on_epoch_end)
+    return load_checkpoint(best["path"]), history
+
+
+def train_with_ray(config: TrainConfig, args: argparse.Namespace, out: Path) -> tuple[dict, list[dict]]:
+    """Train through Ray Train; returns (best checkpoint state, per-epoch history)."""
+    from prado_dist.distributed import WorkerResources, best_checkpoint_file, connect, run_training
+
+    resources = WorkerResources(
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=1.0 if args.use_gpu else 0.0
+    )
+    connect(args.address)
+    storage = args.storage or out / "ray"
+    result = run_training(config, resources, storage=storage, name=out.name, max_failures=args.max_failures)
+    state = load_checkpoint(best_checkpoint_file(result))
+    last = load_checkpoint(Path(result.checkpoint.to_directory()) / "checkpoint.pt")
+    return state, last["history"]
+
+
+def final_report(state: dict, history: list[dict], data: PreparedData, out: Path, device: str) -> dict:
+    """Evaluate the best checkpoint once on the test split and write the figures and tables."""
+    metrics, confusion = evaluate_checkpoint(state, data, "test", device=device)
+    classes = data.classes
+    print(f"\nBest epoch {int(state['epoch']) + 1} (by validation balanced accuracy), on the test split:")
+    print(
+        f"  accuracy {metrics['test_accuracy']:.4f}   balanced accuracy {metrics['test_balanced_accuracy']:.4f}"
+        f"   macro-F1 {metrics['test_macro_f1']:.4f}"
+    )
+    for name in classes:
+        print(f"  {name:<10} precision {metrics[f'test_precision_{name}']:.3f}  recall {metrics[f'test_recall_{name}']:.3f}")
+    print(confusion_table(confusion, classes))
+    write_confusion_csv(confusion, classes, out / "confusion_matrix.csv")
+    plot_confusion(confusion, classes, out / "confusion_matrix.png")
+    plot_learning_curves(history, out / "learning_curves.png", title=f"{json.loads(state['config'])['model']}")
+    (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    print(f"\nWrote {out}/: confusion_matrix.png/.csv, learning_curves.png, test_metrics.json, best.pt")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args, resolve_data_dir(args.data))
+        data = prepare_data(config.data_dir, config.image_size, cache_dir=config.cache_dir,
+                            test_fraction=config.test_fraction, val_fraction=config.val_fraction,
+                            split_seed=config.split_seed)
+    except (ConfigError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = (args.out or Path("runs") / f"train-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+    counts = split_counts(data)
+    print(f"{config.model} on {len(data.labels)} images, classes {data.classes}; per split {counts}", flush=True)
+    if args.single_process:
+        state, history = train_single_process(config, data, out)
+    else:
+        state, history = train_with_ray(config, args, out)
+        save_checkpoint(out / "best.pt", state)
+    final_report(state, history, data, out, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,10 +7,11 @@ channels_last). Appends one JSON line per (model, device) to bench/results/train
     python bench/train_step.py                       # vgg, resnet29, mobilenet; CPU (+ CUDA)
     python bench/train_step.py --models mobilenet --steps 10 --devices cpu
 
-Forward FLOPs come from torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add, convs and
-matmuls only) on one image; a training step is counted as 3x the forward (backward ~ 2x forward).
-Peak memory: CPU = the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before
-each model), CUDA = torch.cuda.max_memory_allocated.
+Each (model, device) runs in a fresh process, so one model's freed-but-retained memory cannot inflate
+the next one's peak. Forward FLOPs come from torch.utils.flop_counter.FlopCounterMode (2 FLOPs per
+multiply-add, convs and matmuls only) on one image; a training step is counted as 3x the forward
+(backward ~ 2x forward). Peak memory: CPU = the process's peak resident set (VmHWM, also given minus the
+RSS before the model was built), CUDA = torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +48,6 @@ def proc_status_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/self/clear_refs`)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def cpu_model() -> str:
@@ -96,7 +90,6 @@ def time_training_steps(
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rss_reset = reset_peak_rss()
     rss_before = proc_status_bytes("VmRSS")
 
     torch.manual_seed(0)
@@ -135,8 +128,16 @@ def time_training_steps(
         peak = proc_status_bytes("VmHWM")
         result["peak_memory_bytes"] = peak
         result["peak_memory_over_start_bytes"] = peak - rss_before if peak and rss_before else None
-        result["peak_memory_kind"] = "VmHWM (process peak RSS" + (", reset per model)" if rss_reset else ")")
+        result["peak_memory_kind"] = "VmHWM (peak RSS of a fresh process)"
     return result
+
+
+def measure(
+    name: str, device_name: str, batch_size: int, image_size: int, warmup: int, steps: int
+) -> tuple[int, dict[str, Any]]:
+    """Forward FLOPs per image and the timed training steps of one model on one device."""
+    timing = time_training_steps(name, torch.device(device_name), batch_size, image_size, warmup, steps)
+    return forward_flops_per_image(name, image_size), timing
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)  # report: 32
     parser.add_argument("--image-size", type=int, default=224)  # report: 224
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 3, cuda 20)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: cpu 1, cuda 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: cpu 2, cuda 5)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -157,10 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     for device_name in args.devices:
         device = torch.device(device_name)
         steps = args.steps or (20 if device.type == "cuda" else 3)
-        warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+        # Two untimed steps on CPU: the first timed step after a single warm-up one still ran 2x slower.
+        warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
         for name in args.models:
-            flops = forward_flops_per_image(name, args.image_size)
-            timing = time_training_steps(name, device, args.batch_size, args.image_size, warmup, steps)
+            # A fresh process per measurement (see module docstring); spawn, not fork, for CUDA's sake.
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                flops, timing = pool.submit(
+                    measure, name, device_name, args.batch_size, args.image_size, warmup, steps
+                ).result()
             images_per_second = args.batch_size / timing["step_seconds_median"]
             record = {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{name:10s} {device.type:4s} {images_per_second:8.1f} img/s  "
                 f"step {timing['step_seconds_median']:.2f} s  "
-                f"peak {timing['peak_memory_bytes'] / 2**30:.2f} GiB  "
+                f"peak {timing['peak_memory_bytes'] / 2**30:.2f} GiB"
+                f" ({(timing.get('peak_memory_over_start_bytes') or 0) / 2**30:.2f} over start)  "
                 f"fwd {flops / 1e9:.2f} GFLOP/img  {record['achieved_train_tflops'] * 1e3:.1f} GFLOP/s",
                 flush=True,
             )

@@ -62,6 +62,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=ray.train.torch.prepare_model,
     )
     node_ids = ",".join(sorted(set(_gather(ray.get_runtime_context().get_node_id()))))
+    placement_group = ray.util.get_current_placement_group()
+    # Reported so that whoever stops this run early can free its placement group (see
+    # prado_dist.search.trial.PlacementGroupReleaser).
+    placement_group_id = placement_group.id.hex() if placement_group is not None else ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -75,6 +79,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save_checkpoint(Path(directory) / CHECKPOINT_FILE, run.state_dict(epoch))
                 reported = ray.train.Checkpoint.from_directory(directory)
             # node_ids: the Ray nodes this run's workers train on (multi-node placement is visible).
-            ray.train.report({**metrics, "node_ids": node_ids}, checkpoint=reported)
+            ray.train.report(
+                {**metrics, "node_ids": node_ids, "placement_group_id": placement_group_id}, checkpoint=reported
+            )
 
     run.fit(on_epoch_end=report)

@@ -90,3 +90,27 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: Path, title:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_trial_curves(
+    curves: dict[str, list[tuple[int, float]]], metric: str, path: Path, highlight: Sequence[str] = ()
+) -> Path:
+    """Every trial's validation curve in one figure; early-stopped trials end early."""
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    for name, points in sorted(curves.items()):
+        if not points:
+            continue
+        epochs, values = zip(*points, strict=True)
+        emphasised = name in highlight
+        axes.plot(epochs, values, marker="o", markersize=3, linewidth=2.2 if emphasised else 1.0,
+                  alpha=1.0 if emphasised else 0.6, label=name if emphasised or len(curves) <= 12 else None)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric)
+    axes.grid(alpha=0.3)
+    axes.set_title(f"{metric} of every trial")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

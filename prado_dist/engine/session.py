@@ -175,7 +175,7 @@ class TrainingRun:
         )
         self.scheduler.step()
         val_metrics, _ = self.evaluate("val")
-        return {"epoch": epoch, "lr": lr, **metrics, **val_metrics}
+        return {"epoch": epoch, "epochs_completed": epoch + 1, "lr": lr, **metrics, **val_metrics}
 
     def evaluate(self, split: str = "val") -> tuple[dict[str, float], Any]:
         """Metrics of the current model over a whole split (and the summed confusion counts)."""

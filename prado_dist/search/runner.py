@@ -1,0 +1,288 @@
+"""A whole search: Optuna TPE + ASHA over Ray Train trials, recorded in MLflow, then a final test.
+
+Order of work: validate everything that can be validated (space, data, resources, MLflow) before
+any trial starts; run the Tuner (new, or restored with `resume=True`); evaluate the best trial's
+best checkpoint once on the test split; log the summary to the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import ray
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from prado_dist.config import TrainConfig
+from prado_dist.data import PreparedData, prepare_data
+from prado_dist.distributed import WorkerResources, check_fits, max_concurrent_runs, storage_uri
+from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint
+from prado_dist.engine.export import PaintingClassifier
+from prado_dist.engine.reporting import confusion_table, plot_confusion, plot_trial_curves, write_confusion_csv
+from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
+from prado_dist.search.space import SearchSpace
+from prado_dist.search.tracking import SearchTracker, connect, git_commit
+from prado_dist.search.trial import (
+    TRIAL_DRIVER_RESOURCES,
+    PlacementGroupReleaser,
+    run_trial,
+    train_storage_path,
+)
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "prado_search.json"  # next to Tune's own state: the MLflow parent run of the search
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start or resume; the message says why and what to do."""
+
+
+@dataclass
+class SearchSettings:
+    space: SearchSpace
+    data_dir: Path
+    storage: str = "runs"
+    name: str | None = None  # default: <space>-<time>; with resume: the newest <space>-* run
+    resume: bool = False
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None  # default: the space name
+    trial_failures: int = 2  # each trial restarts from its checkpoint up to this many times
+
+
+@dataclass
+class SearchOutcome:
+    path: Path
+    parent_run_id: str
+    best_config: dict[str, Any]
+    best_trial_id: str
+    best_val: dict[str, float]
+    test: dict[str, float]
+    baseline_val: float | None
+    baseline_stopped_early: bool
+    trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> {config, status, best, epochs}
+
+
+# --- setting up -------------------------------------------------------------------------------------
+def search_dir(settings: SearchSettings) -> Path:
+    """Local folder of the search (Tune state, Train checkpoints); URIs are used as they are by Ray."""
+    root = Path(storage_uri(settings.storage))
+    if settings.name:
+        return root / settings.name
+    if settings.resume:
+        candidates = sorted(root.glob(f"{settings.space.name}-*"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise SearchError(f"--resume: no earlier search of space {settings.space.name!r} under {root}")
+        return candidates[-1]
+    return root / f"{settings.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_storage_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise SearchError(f"storage {path} is not writable: {err}; pass a writable --storage") from None
+
+
+def load_data(config) -> PreparedData:
+    return prepare_data(
+        config.data_dir, config.image_size, cache_dir=config.cache_dir, test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction, split_seed=config.split_seed,
+    )
+
+
+def build_tuner(settings: SearchSettings, path: Path, base_config, tracker: SearchTracker) -> tune.Tuner:
+    space = settings.space
+    resources = WorkerResources(**space.trial.model_dump())
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, base_config=base_config.model_dump_json(), resources=resources,
+            train_storage=train_storage_path(path),
+        ),
+        TRIAL_DRIVER_RESOURCES,
+    )
+    if settings.resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise SearchError(f"--resume: {path} holds no Tune experiment to resume")
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    check_fits(resources, concurrent=space.max_concurrent or 1)
+    concurrent = space.max_concurrent or max_concurrent_runs(resources)
+    searcher = PruningAwareOptunaSearch(
+        metric=space.metric, mode=space.mode, seed=space.seed, max_epochs=space.epochs,
+        # The report's configuration is evaluated first: the search can only improve on it.
+        points_to_evaluate=[space.baseline_point()],
+    )
+    scheduler = ASHAScheduler(
+        time_attr=EPOCHS_COMPLETED, max_t=space.epochs, grace_period=min(space.scheduler.grace_period, space.epochs),
+        reduction_factor=space.scheduler.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=space.tune_space(),
+        tune_config=tune.TuneConfig(
+            metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
+            num_samples=space.num_samples, max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=path.name, storage_path=str(path.parent),
+            failure_config=tune.FailureConfig(max_failures=settings.trial_failures),
+            callbacks=[PlacementGroupReleaser(), tracker],
+            verbose=1,
+        ),
+    )
+
+
+def parent_run(settings: SearchSettings, path: Path, client, experiment_id: str, tags: dict[str, str]) -> str:
+    """The search's MLflow parent run: continued on resume, created otherwise."""
+    state_file = path / STATE_FILE
+    if settings.resume and state_file.is_file():
+        run_id = json.loads(state_file.read_text())["parent_run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(experiment_id, run_name=path.name, tags=tags)
+    space = settings.space
+    params = {"space": space.name, "model": space.model, "num_samples": space.num_samples,
+              "metric": space.metric, "mode": space.mode, **{f"fixed.{k}": v for k, v in space.fixed.items()},
+              **{f"search.{k}": json.dumps(v.model_dump()) for k, v in space.params.items()}}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_dict(run.info.run_id, space.model_dump(mode="json"), "search_space.json")
+    state_file.write_text(json.dumps({"parent_run_id": run.info.run_id, "experiment_id": experiment_id}))
+    return run.info.run_id
+
+
+# --- the run ------------------------------------------------------------------------------------------
+def run_search(settings: SearchSettings) -> SearchOutcome:
+    """Run (or resume) the search described by `settings` on the connected Ray cluster."""
+    space = settings.space
+    base_config = space.base_config(data_dir=settings.data_dir)
+    data = load_data(base_config)  # decode once, in the driver, before any trial
+    path = search_dir(settings)
+    check_storage_writable(path)
+    experiment = settings.experiment or space.name
+    client, experiment_id = connect(settings.mlflow_uri, experiment)
+    tags = {"space": space.name, "model": space.model, "dataset_fingerprint": data.fingerprint,
+            "git_commit": git_commit(), "storage": str(path)}
+    parent_id = parent_run(settings, path, client, experiment_id, tags)
+    tracker = SearchTracker(settings.mlflow_uri, experiment_id, parent_id, {k: v for k, v in tags.items()
+                            if k != "storage"}, space.epochs, path / "mlflow_pending.jsonl")
+    print(f"Search {path.name}: {space.num_samples} trials of {space.model} ({space.epochs} epochs), "
+          f"metric {space.metric} ({space.mode}); storage {path}; MLflow {settings.mlflow_uri} "
+          f"experiment {experiment!r}, parent run {parent_id}", flush=True)
+    tuner = build_tuner(settings, path, base_config, tracker)
+    results = tuner.fit()
+    outcome = summarise(results, space, data, path, parent_id)
+    log_outcome(client, outcome, data, path, space, base_config, results)
+    tracker.records.close()
+    return outcome
+
+
+def trial_history(result) -> list[dict[str, Any]]:
+    frame = result.metrics_dataframe
+    return [] if frame is None else frame.to_dict("records")
+
+
+def summarise(results, space: SearchSpace, data: PreparedData, path: Path, parent_id: str) -> SearchOutcome:
+    """Best trial and its best checkpoint, evaluated once on the test split; the baseline's score."""
+    sign = 1 if space.mode == "max" else -1
+    trials: dict[str, dict[str, Any]] = {}
+    best: tuple[float, str, dict, Path] | None = None
+    for result in results:
+        rows = [row for row in trial_history(result) if space.metric in row]
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        epochs = max((int(row[EPOCHS_COMPLETED]) for row in rows), default=0)
+        best_row = max(rows, key=lambda row: sign * row[space.metric], default=None)
+        trials[trial_id] = {
+            "config": dict(result.config), "status": "error" if result.error else "ok", "epochs": epochs,
+            "best": best_row[space.metric] if best_row else None, "stopped_early": epochs < space.epochs,
+            "curve": [(int(row[EPOCHS_COMPLETED]), float(row[space.metric])) for row in rows],
+        }
+        for row in rows:
+            checkpoint = Path(str(row.get("checkpoint_path") or "")) / "checkpoint.pt"
+            if row.get("checkpoint_path") and checkpoint.is_file():
+                score = sign * row[space.metric]
+                if best is None or score > best[0]:
+                    best = (score, trial_id, row, checkpoint)
+    if best is None:
+        errors = [str(r.error)[:300] for r in results if r.error]
+        raise SearchError(f"no trial produced a checkpoint; errors: {errors or 'none reported'}")
+    _, best_id, best_row, checkpoint = best
+    state = load_checkpoint(checkpoint)
+    test_metrics, confusion = evaluate_checkpoint(state, data, "test")
+    baseline = space.baseline_point()
+    baseline_trial = next((t for t in trials.values() if all(t["config"].get(k) == v for k, v in baseline.items())),
+                          None)
+    outcome = SearchOutcome(
+        path=path, parent_run_id=parent_id, best_config=trials[best_id]["config"], best_trial_id=best_id,
+        best_val={k: float(v) for k, v in best_row.items() if k.startswith("val_") and isinstance(v, int | float)},
+        test=test_metrics, baseline_val=baseline_trial["best"] if baseline_trial else None,
+        baseline_stopped_early=bool(baseline_trial and baseline_trial["stopped_early"]), trials=trials,
+    )
+    outcome.best_val["epochs_completed"] = float(best_row[EPOCHS_COMPLETED])
+    outcome._state = state  # type: ignore[attr-defined]  # the best checkpoint, for logging the model
+    outcome._confusion = confusion  # type: ignore[attr-defined]
+    return outcome
+
+
+def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, space: SearchSpace,
+                base_config, results) -> None:
+    """Best config and metrics, test metrics, figures and the best model on the parent run."""
+    run_id = outcome.parent_run_id
+    artifacts = path / "summary"
+    artifacts.mkdir(exist_ok=True)
+    confusion = outcome._confusion  # type: ignore[attr-defined]
+    plot_confusion(confusion, data.classes, artifacts / "test_confusion_matrix.png",
+                   title=f"best trial {outcome.best_trial_id}: test split")
+    write_confusion_csv(confusion, data.classes, artifacts / "test_confusion_matrix.csv")
+    curves = {trial_id: trial["curve"] for trial_id, trial in outcome.trials.items()}
+    plot_trial_curves(curves, space.metric, artifacts / "trial_curves.png", highlight=[outcome.best_trial_id])
+    summary = {"best_trial": outcome.best_trial_id, "best_config": outcome.best_config, "best_val": outcome.best_val,
+               "test": outcome.test, "baseline_val": outcome.baseline_val, "trials": outcome.trials}
+    (artifacts / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    metrics = [Metric(f"best_{k}", v, int(time.time() * 1000), 0) for k, v in outcome.best_val.items()]
+    metrics += [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in outcome.test.items()]
+    if outcome.baseline_val is not None:
+        metrics.append(Metric(f"baseline_{space.metric}", float(outcome.baseline_val), int(time.time() * 1000), 0))
+    params = [Param(f"best.{k}", str(v)) for k, v in outcome.best_config.items()]
+    params.append(Param("best.trial_id", outcome.best_trial_id))
+    try:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("best_trial_id", outcome.best_trial_id)])
+        client.log_artifacts(run_id, str(artifacts))
+        log_best_model(client.tracking_uri, run_id, outcome, data)
+        client.set_terminated(run_id, status="FINISHED")
+    except Exception as err:
+        logger.warning("could not record the search summary in MLflow (%s); it is in %s", err, artifacts)
+
+
+def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: PreparedData) -> None:
+    """The best checkpoint as an MLflow PyTorch model with an input signature (see predict.py)."""
+    from mlflow.models import infer_signature
+
+    state = outcome._state  # type: ignore[attr-defined]
+    train_config = TrainConfig.model_validate_json(state["config"]).with_overrides({"device": "cpu"})
+    run = TrainingRun(train_config, data)
+    run.model.load_state_dict(state["model"])
+    classifier = PaintingClassifier(run.model, run.pipeline, data.classes, train_config.image_size)
+    example = torch.from_numpy(data.images[data.splits["test"][:2]].transpose(0, 3, 1, 2).copy()).float()
+    signature = infer_signature(example.numpy(), classifier(example).numpy())
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(classifier, name="model", signature=signature, input_example=example.numpy())
+        mlflow.log_dict({"classes": data.classes, "image_size": train_config.image_size}, "model_info.json")
+
+
+def leftover_resources() -> dict[str, Any]:
+    """What a finished search may have left behind in the Ray cluster (for tests and benches)."""
+    from ray.util import placement_group_table
+
+    groups = [pg for pg, info in placement_group_table().items() if info.get("state") != "REMOVED"]
+    return {"placement_groups": groups, "available": ray.available_resources(), "total": ray.cluster_resources()}

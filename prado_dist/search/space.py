@@ -1,0 +1,224 @@
+"""Search spaces: which `TrainConfig` fields a search varies, how, and how it judges trials.
+
+A space is a YAML file (format documented in search_spaces/README.md). It is validated in full
+before Ray starts: an unknown key, an unknown distribution, low > high, an unknown model or a
+non-positive epoch count is reported with the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ray import tune
+
+from prado_dist.config import ConfigError, TrainConfig, format_validation_error
+from prado_dist.models import is_model, list_models
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+REPORTED_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_loss")
+# Settings that belong to the space as a whole, never to one trial.
+NOT_SEARCHABLE = {"data_dir", "cache_dir", "model", "epochs", "device", "pretrained"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Uniform(_Strict):
+    distribution: Literal["uniform"]
+    low: float
+    high: float
+
+
+class LogUniform(_Strict):
+    distribution: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+
+class IntUniform(_Strict):
+    distribution: Literal["randint"]
+    low: int
+    high: int  # inclusive
+
+class Choice(_Strict):
+    distribution: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[Uniform | LogUniform | IntUniform | Choice, Field(discriminator="distribution")]
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+
+
+class Scheduler(_Strict):
+    """ASHA on completed epochs: stop the worse trials at rungs grace_period * reduction_factor^k."""
+
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+
+class TrialResources(_Strict):
+    workers: int = Field(1, ge=1)  # data-parallel Ray Train workers per trial
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class SearchSpace(_Strict):
+    """A validated search space."""
+
+    name: str
+    model: str
+    fixed: dict[str, Any] = {}  # TrainConfig fields every trial shares (epochs, image_size, ...)
+    params: dict[str, Distribution]  # TrainConfig fields the search varies
+    baseline: dict[str, Any] = {}  # the report's values, where they differ from TrainConfig defaults
+    metric: Literal[REPORTED_METRICS] = "val_balanced_accuracy"  # type: ignore[valid-type]
+    mode: Literal["max", "min"] = "max"
+    scheduler: Scheduler = Scheduler()
+    trial: TrialResources = TrialResources()
+    num_samples: int = Field(20, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster fits
+    seed: int = 0  # Optuna's TPE sampler seed
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if not is_model(model):
+            raise ValueError(f"unknown model {model!r}; known models: {list_models()} or 'timm:<name>'")
+        return model
+
+    @field_validator("params")
+    @classmethod
+    def _searchable(cls, params: dict[str, Any]) -> dict[str, Any]:
+        fields = set(TrainConfig.model_fields) - NOT_SEARCHABLE
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise ValueError(f"cannot search {unknown}; searchable settings: {sorted(fields)}")
+        if not params:
+            raise ValueError("a search space needs at least one parameter to search")
+        for key, spec in params.items():
+            if isinstance(spec, Uniform | LogUniform | IntUniform) and spec.low > spec.high:
+                raise ValueError(f"{key}: low ({spec.low}) must not exceed high ({spec.high})")
+        return params
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpace:
+        overlap = sorted(set(self.fixed) & set(self.params))
+        if overlap:
+            raise ValueError(f"{overlap} are both fixed and searched; keep each in one place")
+        self.base_config()  # fixed settings must form a valid TrainConfig
+        baseline = self.baseline_point()
+        for key, spec in self.params.items():
+            if not _contains(spec, baseline[key]):
+                raise ValueError(
+                    f"baseline {key}={baseline[key]!r} (the report's value) lies outside the searched "
+                    f"range {spec.model_dump(exclude={'distribution'})}; widen the range or set baseline.{key}"
+                )
+        return self
+
+    # --- derived --------------------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return self.base_config().epochs
+
+    def base_config(self, **overrides: Any) -> TrainConfig:
+        """The config every trial starts from: defaults, then `fixed`, then `overrides`."""
+        return TrainConfig().with_overrides({"model": self.model, **self.fixed, **overrides})
+
+    def baseline_point(self) -> dict[str, Any]:
+        """The report's configuration, restricted to the searched parameters."""
+        defaults = self.base_config().model_dump()
+        return {key: self.baseline.get(key, defaults[key]) for key in self.params}
+
+    def tune_space(self) -> dict[str, Any]:
+        """The searched parameters as Ray Tune domains (OptunaSearch converts them)."""
+        return {key: _domain(spec) for key, spec in self.params.items()}
+
+
+def _contains(spec: Any, value: Any) -> bool:
+    if isinstance(spec, Choice):
+        return value in spec.values
+    return value is not None and spec.low <= value <= spec.high
+
+
+def _domain(spec: Any) -> Any:
+    if isinstance(spec, Uniform):
+        return tune.uniform(spec.low, spec.high)
+    if isinstance(spec, LogUniform):
+        return tune.loguniform(spec.low, spec.high)
+    if isinstance(spec, IntUniform):
+        return tune.randint(spec.low, spec.high + 1)  # Tune's upper bound is exclusive
+    return tune.choice(spec.values)
+
+
+def resolve_space_path(name_or_path: str | Path) -> Path:
+    """A name from search_spaces/ (without .yaml) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"search space file {path} does not exist")
+        return path
+    candidate = SPACES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown search space {str(name_or_path)!r}; known spaces: {known_spaces()} or a path")
+    return candidate
+
+
+def known_spaces() -> list[str]:
+    return sorted(path.stem for path in SPACES_DIR.glob("*.yaml"))
+
+
+def load_space(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """Load and validate a space; `overrides` (from --set) replace fixed settings or top-level keys."""
+    path = resolve_space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a search space must be a YAML mapping, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for key, value in (overrides or {}).items():
+        _apply_override(raw, key, value, path)
+    try:
+        return SearchSpace.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(
+            format_validation_error(err, str(path)) + f"\n(distributions: {', '.join(DISTRIBUTIONS)}; "
+            f"top-level keys: {sorted(SearchSpace.model_fields)})"
+        ) from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _apply_override(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    """`--set key=value`: a TrainConfig field goes to `fixed` (and leaves `params`); else top level."""
+    if key in TrainConfig.model_fields and key != "model":
+        raw.setdefault("fixed", {})[key] = value
+        raw.get("params", {}).pop(key, None)
+    elif key in SearchSpace.model_fields or key.split(".")[0] in {"scheduler", "trial"}:
+        section, _, sub = key.partition(".")
+        if sub:
+            raw.setdefault(section, {})[sub] = value
+        else:
+            raw[key] = value
+    else:
+        raise ConfigError(
+            f"--set {key}: unknown setting; use a training setting ({sorted(TrainConfig.model_fields)}) or a "
+            f"space key ({sorted(SearchSpace.model_fields)}, scheduler.*, trial.*)"
+        )
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings to a dict, values parsed as YAML scalars (1e-3, true, [1, 2] ...)."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed

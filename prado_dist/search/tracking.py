@@ -1,0 +1,218 @@
+"""MLflow records of a search: one parent run per search, one nested child run per trial.
+
+Written from the Tune driver (a `tune.Callback`), never from training workers, so a cluster's
+MLflow server can listen on the head node only. MLflow being unreachable never stops training:
+each record that fails is kept and retried with the next event, and whatever is still missing at
+the end is written to `mlflow_pending.jsonl` in the search folder and named in a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray import tune
+from ray.tune.experiment import Trial
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3 refuses a plain ./mlruns file store
+# A search must not stall for minutes inside MLflow's own retries when the server is gone.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server cannot be used."""
+
+
+def tracking_uri(cli_value: str | None) -> str:
+    """--mlflow-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    """A client and the experiment id; fails fast, naming the URI and the cause."""
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    except Exception as err:
+        raise TrackingError(
+            f"cannot use the MLflow tracking server at {uri!r}: {type(err).__name__}: {str(err)[:300]}. "
+            "Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1`) or pass "
+            "another --mlflow-uri."
+        ) from None
+    return client, experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {
+        key: float(value)
+        for key, value in result.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        and key not in {"epoch", "epochs_completed", "training_iteration", "timestamp", "time_total_s",
+                        "time_this_iter_s", "pid", "time_since_restore", "iterations_since_restore"}
+    }
+
+
+class RecordQueue:
+    """MLflow writes that are retried until they succeed; nothing is dropped silently."""
+
+    def __init__(self, pending_file: Path) -> None:
+        self.pending: list[tuple[str, Callable[[], Any]]] = []
+        self.pending_file = pending_file
+        self._warned = False
+
+    def submit(self, description: str, write: Callable[[], Any]) -> Any:
+        self.flush()
+        if self.pending:  # keep order: later records wait behind earlier failed ones
+            self.pending.append((description, write))
+            return None
+        return self._try(description, write)
+
+    def _try(self, description: str, write: Callable[[], Any]) -> Any:
+        try:
+            return write()
+        except Exception as err:
+            if not self._warned:
+                logger.warning("MLflow unreachable (%s); training continues, records are kept and retried", err)
+                self._warned = True
+            self.pending.append((description, write))
+            return None
+
+    def flush(self) -> None:
+        while self.pending:
+            description, write = self.pending[0]
+            try:
+                write()
+            except Exception:
+                return
+            self.pending.pop(0)
+            if not self.pending:
+                logger.warning("MLflow reachable again: all delayed records written")
+                self._warned = False
+
+    def close(self) -> list[str]:
+        """Flush; what still cannot be written is listed in `pending_file` and returned."""
+        self.flush()
+        missing = [description for description, _ in self.pending]
+        if missing:
+            self.pending_file.write_text("\n".join(json.dumps({"record": m}) for m in missing) + "\n")
+            logger.warning("%d MLflow records could not be written; listed in %s", len(missing), self.pending_file)
+        return missing
+
+
+class SearchTracker(tune.Callback):
+    """Mirrors a Tune search into MLflow as a parent run with one child run per trial."""
+
+    def __init__(
+        self, uri: str, experiment_id: str, parent_run_id: str, tags: dict[str, str],
+        max_epochs: int, pending_file: Path,
+    ) -> None:
+        self.uri = uri
+        self.pending_file = pending_file
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.tags = tags
+        self.max_epochs = max_epochs
+        self.records = RecordQueue(pending_file)
+        self.child_runs: dict[str, str] = {}
+        self.last_epoch: dict[str, int] = {}
+
+    # Tune pickles callbacks with the experiment state; the client and queue are rebuilt on restore.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "client": None, "records": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.records = RecordQueue(self.pending_file)
+
+    def child_run(self, trial: Trial) -> str | None:
+        """The trial's child run, created once (also across a resumed search: found by its tag)."""
+        if trial.trial_id in self.child_runs:
+            return self.child_runs[trial.trial_id]
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'",
+            max_results=1,
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+        else:
+            tags = {**self.tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial.trial_id,
+                    MLFLOW_RUN_NAME: f"trial-{trial.trial_id}"}
+            run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+            params = [Param(key, str(value)) for key, value in sorted(trial.config.items())]
+            self.client.log_batch(run_id, params=params)
+        self.child_runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.records.submit(f"child run of trial {trial.trial_id}", lambda: self.child_run(trial))
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        epoch = int(result.get("epochs_completed", iteration))
+        self.last_epoch[trial.trial_id] = epoch
+        metrics = numeric_metrics(result)
+        timestamp = int(result.get("timestamp", 0) * 1000)
+
+        def write() -> None:
+            run_id = self.child_run(trial)
+            batch = [Metric(key, value, timestamp, epoch) for key, value in metrics.items()]
+            self.client.log_batch(run_id, metrics=batch)
+
+        self.records.submit(f"epoch {epoch} metrics of trial {trial.trial_id}", write)
+
+    def _finish(self, trial: Trial, status: str, error: str | None = None) -> None:
+        epochs = self.last_epoch.get(trial.trial_id, 0)
+        tags = [RunTag("epochs_completed", str(epochs)),
+                RunTag("stopped_early", str(status == "FINISHED" and epochs < self.max_epochs).lower())]
+        if error:
+            tags.append(RunTag("error", error[:4000]))
+
+        def write() -> None:
+            run_id = self.child_run(trial)
+            self.client.log_batch(run_id, tags=tags)
+            self.client.set_terminated(run_id, status=status)
+
+        self.records.submit(f"end of trial {trial.trial_id} ({status})", write)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        error_file = getattr(trial, "error_file", None)
+        self._finish(trial, "FAILED", error=_read(error_file) if error_file else "trial failed")
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self.records.flush()
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()[-4000:]
+    except OSError:
+        return path

@@ -1,0 +1,112 @@
+"""One Tune trial = one Ray Train run, and the clean-up that lets the next trial start.
+
+Why trials hung on a 2-CPU machine (measured while building this; see README "Resources"):
+
+1. A function trainable reserves 1 CPU by default. The trial function only waits on the Train
+   controller, yet that CPU is then missing for the Train workers; with the default concurrency
+   Tune starts as many trial drivers as there are CPUs and no worker can ever be scheduled.
+   Here the driver reserves a sliver of memory instead of a CPU, and concurrency is computed from
+   what the *workers* need (`prado_dist.distributed.max_concurrent_runs`).
+2. When ASHA stops a trial, Tune kills the trial actor; the Train controller it owns dies with it,
+   ungracefully. Train V2's PlacementGroupCleaner is meant to remove the workers' placement group
+   then, but it detects the controller's death through the Ray State API, which needs the
+   dashboard: without a dashboard it only logs "Failed to query Ray Train Controller actor state"
+   and the placement group (and its CPUs) stays reserved until the driver exits
+   (ray-project/ray#54305). The next trial's worker group then never starts
+   (WorkerGroupStartupTimeoutError). `PlacementGroupReleaser` removes the placement group of every
+   trial that ends, using the id each run reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.placement_group import PlacementGroup
+
+from prado_dist.config import TrainConfig
+from prado_dist.distributed import WorkerResources, build_trainer
+
+logger = logging.getLogger(__name__)
+
+# What the trial function itself reserves: no CPU (it only waits), but Tune needs a non-empty
+# request, so a little memory it really uses.
+TRIAL_DRIVER_RESOURCES = tune.PlacementGroupFactory([{"memory": 64 * 1024**2}])
+
+
+def train_run_name(trial_id: str) -> str:
+    """The Ray Train run of a trial; stable across restarts so that they find its checkpoints."""
+    return f"trial-{trial_id}"
+
+
+def run_trial(
+    params: dict[str, Any],
+    *,
+    base_config: str,
+    resources: WorkerResources,
+    train_storage: str,
+    max_failures: int = 0,
+) -> None:
+    """Tune's trial function: `base_config` (TrainConfig JSON) with `params` applied, via Ray Train."""
+    config = TrainConfig.model_validate_json(base_config).with_overrides(params)
+    trainer = build_trainer(
+        config,
+        resources,
+        storage=train_storage,
+        name=train_run_name(tune.get_context().get_trial_id()),
+        # Worker failures are retried by Tune (FailureConfig of the search), which reruns this
+        # function; the Train run of the same name then resumes from its latest checkpoint.
+        max_failures=max_failures,
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+class PlacementGroupReleaser(tune.Callback):
+    """Remove the Ray Train placement group of every trial that ends (stopped, finished or failed)."""
+
+    def __init__(self) -> None:
+        self._placement_groups: dict[str, str] = {}
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        if result.get("placement_group_id"):
+            self._placement_groups[trial.trial_id] = result["placement_group_id"]
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self._release(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self._release(trial)
+
+    def _release(self, trial: Trial) -> None:
+        group_id = self._placement_groups.pop(trial.trial_id, None)
+        if group_id:
+            release_placement_group(group_id)
+
+
+def release_placement_group(group_id: str) -> bool:
+    """Remove placement group `group_id` (hex) unless it is already gone; True if removed here."""
+    state = ray.util.placement_group_table().get(group_id, {}).get("state")
+    if state in (None, "REMOVED"):
+        return False
+    try:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+    except Exception as err:  # removed concurrently by the controller's own shutdown
+        logger.debug("placement group %s: %s", group_id, err)
+        return False
+    logger.info("released placement group %s of a stopped trial", group_id[:12])
+    return True
+
+
+def leftover_placement_groups() -> list[str]:
+    """Placement groups still holding (or waiting for) resources."""
+    return [pg for pg, info in ray.util.placement_group_table().items() if info.get("state") != "REMOVED"]
+
+
+def train_storage_path(search_dir: Path | str) -> str:
+    return f"{str(search_dir).rstrip('/')}/train"

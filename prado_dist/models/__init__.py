@@ -1,7 +1,7 @@
-"""Model layer: the report's three CNNs and timm transfer-learning backbones behind one registry."""
+"""Model layer: the report's three CNNs, timm transfer backbones and a BN-free test CNN in one registry."""
 
 # Importing the model files registers their constructors with the registry.
-from prado_dist.models import mobilenet, resnet29, transfer, vgg
+from prado_dist.models import mobilenet, plain, resnet29, transfer, vgg
 from prado_dist.models._registry import create_model, is_model, list_models, register_model
 from prado_dist.models.transfer import TransferModel
 
@@ -11,6 +11,7 @@ __all__ = [
     "is_model",
     "list_models",
     "mobilenet",
+    "plain",
     "register_model",
     "resnet29",
     "transfer",

@@ -272,12 +272,15 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     run = TrainingRun(train_config, data)
     run.model.load_state_dict(state["model"])
     classifier = PaintingClassifier(run.model, run.pipeline, data.classes, train_config.image_size)
-    example = torch.from_numpy(data.images[data.splits["test"][:2]].transpose(0, 3, 1, 2).copy()).float()
+    # One image per call: MLflow 3 saves the model with torch.export ("pt2"), specialised to this shape.
+    example = torch.from_numpy(data.images[data.splits["test"][:1]].transpose(0, 3, 1, 2).copy()).float()
     signature = infer_signature(example.numpy(), classifier(example).numpy())
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(classifier, name="model", signature=signature, input_example=example.numpy())
-        mlflow.log_dict({"classes": data.classes, "image_size": train_config.image_size}, "model_info.json")
+        mlflow.pytorch.log_model(
+            classifier, name="model", signature=signature, input_example=example.numpy(),
+            metadata={"classes": list(data.classes), "image_size": train_config.image_size},
+        )
 
 
 def leftover_resources() -> dict[str, Any]:

@@ -1,0 +1,155 @@
+"""End to end on a 2-CPU local Ray: a real search with ASHA stops, MLflow records checked through
+the REST API of a real `mlflow server`, the final test evaluation, nothing left reserved; then a
+search whose driver is killed is resumed without losing or repeating trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from prado_dist.search import SearchSettings, load_space, run_search
+from prado_dist.search.runner import leftover_resources
+from tests.conftest import local_ray
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+DEMO_OVERRIDES = {"num_samples": 4, "epochs": 3, "image_size": 32, "scheduler.grace_period": 1,
+                  "scheduler.reduction_factor": 2}
+
+
+def rest(uri: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def tags_of(run: dict) -> dict[str, str]:
+    return {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
+
+
+def test_search_on_two_cpus_records_everything_in_mlflow(small_demo: Path, mlflow_server: str, tmp_path: Path) -> None:
+    space = load_space("demo", DEMO_OVERRIDES)
+    settings = SearchSettings(space=space, data_dir=small_demo, storage=str(tmp_path / "runs"),
+                              mlflow_uri=mlflow_server, experiment="e2e")
+    with local_ray(num_cpus=2):  # the laptop case that used to deadlock
+        outcome = run_search(settings)
+        leftovers = leftover_resources()
+
+    # The search finished every trial, ASHA stopped at least one, and nothing stays reserved.
+    assert len(outcome.trials) == 4
+    assert all(trial["status"] == "ok" for trial in outcome.trials.values())
+    stopped = [t for t in outcome.trials.values() if t["stopped_early"]]
+    assert 1 <= len(stopped) < 4
+    assert leftovers["placement_groups"] == []
+    assert leftovers["available"].get("CPU") == pytest.approx(2.0)
+    # The report's configuration was evaluated, and the final test evaluation ran once.
+    assert outcome.baseline_val is not None
+    assert set(outcome.test) >= {"test_accuracy", "test_balanced_accuracy", "test_macro_f1"}
+    assert 0.0 <= outcome.test["test_accuracy"] <= 1.0
+
+    experiment_id = rest(mlflow_server, "experiments/get-by-name", experiment_name="e2e")["experiment"]["experiment_id"]
+    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+    parent = next(run for run in runs if run["info"]["run_id"] == outcome.parent_run_id)
+    children = [run for run in runs if tags_of(run).get("mlflow.parentRunId") == outcome.parent_run_id]
+    assert len(children) == 4 and len(runs) == 5
+    assert parent["info"]["status"] == "FINISHED"
+    parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent_metrics["test_accuracy"] == pytest.approx(outcome.test["test_accuracy"])
+    assert "best.lr" in {p["key"] for p in parent["data"]["params"]}
+
+    for child in children:
+        tags = tags_of(child)
+        assert {"trial_id", "model", "dataset_fingerprint", "git_commit", "stopped_early"} <= set(tags)
+        assert {p["key"] for p in child["data"]["params"]} >= {"lr", "decay", "pca_std", "flip_prob"}
+        history = rest(mlflow_server, "metrics/get-history", run_id=child["info"]["run_id"],
+                       metric_key="val_balanced_accuracy")["metrics"]
+        steps = sorted(point["step"] for point in history)
+        epochs = int(tags["epochs_completed"])
+        assert steps == list(range(1, epochs + 1))  # one point per epoch, the epoch as step
+        assert tags["stopped_early"] == str(epochs < 3).lower()
+
+    artifacts = rest(mlflow_server, "artifacts/list", run_id=outcome.parent_run_id)
+    names = {entry["path"] for entry in artifacts.get("files", [])}
+    assert {"trial_curves.png", "test_confusion_matrix.png", "summary.json"} <= names
+    models = rest(mlflow_server, "logged-models/search", {"experiment_ids": [experiment_id]}).get("models", [])
+    assert any(m["info"].get("source_run_id") == outcome.parent_run_id for m in models)
+
+
+def tune_command(storage: Path, db: Path, *extra: str) -> list[str]:
+    overrides = [f"--set={key}={value}" for key, value in DEMO_OVERRIDES.items() if key != "num_samples"]
+    return [sys.executable, "-m", "prado_dist.tune", "--space", "demo", "--num-samples", "4", "--max-concurrent", "1",
+            "--num-cpus", "2", "--storage", str(storage), "--name", "resumable", "--mlflow-uri", f"sqlite:///{db}",
+            *overrides, *extra]
+
+
+def finished_children(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as connection:
+            return connection.execute(
+                "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                "where t.key = 'mlflow.parentRunId' and r.status = 'FINISHED'"
+            ).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def kill_session(process: subprocess.Popen, ray_dir: str) -> None:
+    """SIGKILL the driver and every Ray process of its private temp dir."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    for line in listing.splitlines()[1:]:
+        pid, _, args = line.strip().partition(" ")
+        if ray_dir in args:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_killed_search_resumes_without_losing_or_repeating_trials(small_demo: Path, tmp_path: Path) -> None:
+    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_dir, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(tune_command(storage, db, "--data", str(small_demo)), env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while finished_children(db) < 2:  # two trials done, the third under way
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the first two trials did not finish in time"
+        time.sleep(1)
+    kill_session(first, ray_dir)
+    done_before = finished_children(db)
+
+    second = subprocess.run(tune_command(storage, db, "--data", str(small_demo), "--resume"), env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "=== Search finished ===" in second.stdout
+    summary = json.loads((storage / "resumable" / "summary" / "summary.json").read_text())
+    assert len(summary["trials"]) == 4  # none lost, none added twice
+    with sqlite3.connect(db) as connection:
+        parents = connection.execute(
+            "select count(*) from runs where run_uuid not in (select run_uuid from tags where key='mlflow.parentRunId')"
+        ).fetchone()[0]
+        trial_runs = connection.execute("select value from tags where key = 'trial_id'").fetchall()
+    assert parents == 1  # the parent run was continued, not duplicated
+    assert len(trial_runs) == len({value for (value,) in trial_runs}) == 4
+    assert done_before >= 2 and finished_children(db) == 4

@@ -1,0 +1,59 @@
+"""Early-stopped trials reach Optuna as PRUNED with their intermediate values, not as COMPLETE."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from prado_dist.search import PruningAwareOptunaSearch
+
+SPACE = {"lr": tune.loguniform(1e-4, 1e-2)}
+
+
+def run_two_trials(searcher) -> None:
+    searcher.set_search_properties("val_balanced_accuracy", "max", SPACE)
+    for trial_id, scores in [("full", [0.3, 0.5, 0.7, 0.8]), ("stopped", [0.2, 0.25])]:
+        assert searcher.suggest(trial_id) is not None
+        for epoch, score in enumerate(scores, start=1):
+            result = {"val_balanced_accuracy": score, "epochs_completed": epoch, "training_iteration": epoch}
+            searcher.on_trial_result(trial_id, result)
+        searcher.on_trial_complete(trial_id, result)
+
+
+def states(searcher) -> dict[int, optuna.trial.TrialState]:
+    return {trial.number: trial.state for trial in searcher._ot_study.trials}
+
+
+def test_ray_optuna_search_records_early_stopped_trials_as_complete() -> None:
+    """The flaw being fixed: Ray's own searcher calls a 2-of-4-epoch trial COMPLETE at 0.25."""
+    searcher = OptunaSearch(seed=0)
+    run_two_trials(searcher)
+    assert states(searcher) == {0: optuna.trial.TrialState.COMPLETE, 1: optuna.trial.TrialState.COMPLETE}
+
+
+def test_early_stopped_trial_is_pruned_with_intermediate_values() -> None:
+    searcher = PruningAwareOptunaSearch(seed=0, max_epochs=4)
+    run_two_trials(searcher)
+    full, stopped = searcher.study.trials
+    assert full.state == optuna.trial.TrialState.COMPLETE and full.value == pytest.approx(0.8)
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert stopped.intermediate_values == {1: 0.2, 2: 0.25}
+    # Optuna takes a pruned trial's value from its last intermediate value.
+    assert stopped.value == pytest.approx(0.25)
+
+
+def test_failed_trial_is_failed_not_pruned() -> None:
+    searcher = PruningAwareOptunaSearch(seed=0, max_epochs=4)
+    searcher.set_search_properties("val_balanced_accuracy", "max", SPACE)
+    searcher.suggest("broken")
+    searcher.on_trial_result("broken", {"val_balanced_accuracy": 0.2, "epochs_completed": 1})
+    searcher.on_trial_complete("broken", None, error=True)
+    assert searcher.study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+def test_first_point_is_the_baseline() -> None:
+    searcher = PruningAwareOptunaSearch(seed=0, max_epochs=4, points_to_evaluate=[{"lr": 1e-3}])
+    searcher.set_search_properties("val_balanced_accuracy", "max", SPACE)
+    assert searcher.suggest("first") == {"lr": 1e-3}

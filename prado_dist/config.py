@@ -59,9 +59,7 @@ class TrainConfig(BaseModel):
         """A copy with `overrides` applied and validated again (unknown keys are rejected)."""
         unknown = sorted(set(overrides) - set(type(self).model_fields))
         if unknown:
-            raise ConfigError(
-                f"unknown setting(s) {unknown}; known settings: {sorted(type(self).model_fields)}"
-            )
+            raise ConfigError(f"unknown setting(s) {unknown}; known settings: {sorted(type(self).model_fields)}")
         try:
             return type(self).model_validate({**self.model_dump(), **overrides})
         except ValidationError as err:

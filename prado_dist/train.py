@@ -33,7 +33,8 @@ DEFAULTS = TrainConfig()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m prado_dist.train", description=__doc__.splitlines()[0],
+        prog="python -m prado_dist.train",
+        description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default=DEFAULTS.model, help="a name from prado_dist.models.list_models()")
@@ -68,11 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, data_dir: Path) -> TrainConfig:
     fields = {
-        "model": args.model, "data_dir": data_dir, "epochs": args.epochs, "image_size": args.image_size,
-        "batch_size": args.batch_size, "lr": args.lr, "decay": args.decay, "decay_start": args.decay_start,
-        "pca_std": args.pca_std, "flip_prob": args.flip_prob, "weight_decay": args.weight_decay,
-        "label_smoothing": args.label_smoothing, "dropout": args.dropout, "bn_momentum": args.bn_momentum, "pretrained": args.pretrained,
-        "unfreeze_stages": args.unfreeze_stages, "seed": args.seed, "device": args.device,
+        "model": args.model,
+        "data_dir": data_dir,
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "decay": args.decay,
+        "decay_start": args.decay_start,
+        "pca_std": args.pca_std,
+        "flip_prob": args.flip_prob,
+        "weight_decay": args.weight_decay,
+        "label_smoothing": args.label_smoothing,
+        "dropout": args.dropout,
+        "bn_momentum": args.bn_momentum,
+        "pretrained": args.pretrained,
+        "unfreeze_stages": args.unfreeze_stages,
+        "seed": args.seed,
+        "device": args.device,
     }
     return TrainConfig().with_overrides(fields)
 
@@ -131,7 +145,8 @@ def final_report(state: dict, history: list[dict], data: PreparedData, out: Path
         f"   macro-F1 {metrics['test_macro_f1']:.4f}"
     )
     for name in classes:
-        print(f"  {name:<10} precision {metrics[f'test_precision_{name}']:.3f}  recall {metrics[f'test_recall_{name}']:.3f}")
+        precision, recall = metrics[f"test_precision_{name}"], metrics[f"test_recall_{name}"]
+        print(f"  {name:<10} precision {precision:.3f}  recall {recall:.3f}")
     print(confusion_table(confusion, classes))
     write_confusion_csv(confusion, classes, out / "confusion_matrix.csv")
     plot_confusion(confusion, classes, out / "confusion_matrix.png")
@@ -147,9 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args, resolve_data_dir(args.data))
-        data = prepare_data(config.data_dir, config.image_size, cache_dir=config.cache_dir,
-                            test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                            split_seed=config.split_seed)
+        data = prepare_data(
+            config.data_dir,
+            config.image_size,
+            cache_dir=config.cache_dir,
+            test_fraction=config.test_fraction,
+            val_fraction=config.val_fraction,
+            split_seed=config.split_seed,
+        )
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

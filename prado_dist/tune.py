@@ -46,34 +46,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the space name)")
     parser.add_argument("--resume", action="store_true", help="continue the newest (or --name) search")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a fixed setting or space key, e.g. --set epochs=10 --set image_size=64")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a fixed setting or space key, e.g. --set epochs=10 --set image_size=64",
+    )
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> SearchSettings:
     overrides = parse_set(args.overrides)
-    for flag, key in [("num_samples", "num_samples"), ("max_concurrent", "max_concurrent"),
-                      ("workers_per_trial", "trial.workers"), ("gpus_per_worker", "trial.gpus_per_worker"),
-                      ("cpus_per_worker", "trial.cpus_per_worker")]:
+    for flag, key in [
+        ("num_samples", "num_samples"),
+        ("max_concurrent", "max_concurrent"),
+        ("workers_per_trial", "trial.workers"),
+        ("gpus_per_worker", "trial.gpus_per_worker"),
+        ("cpus_per_worker", "trial.cpus_per_worker"),
+    ]:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     space = load_space(args.space, overrides)
     if args.data is not None and not args.data.exists():
         raise DataError(f"--data {args.data} does not exist")
     return SearchSettings(
-        space=space, data_dir=resolve_data_dir(args.data), storage=args.storage, name=args.name,
-        resume=args.resume, mlflow_uri=tracking_uri(args.mlflow_uri), experiment=args.experiment,
+        space=space,
+        data_dir=resolve_data_dir(args.data),
+        storage=args.storage,
+        name=args.name,
+        resume=args.resume,
+        mlflow_uri=tracking_uri(args.mlflow_uri),
+        experiment=args.experiment,
     )
 
 
 def print_summary(outcome: SearchOutcome, metric: str) -> None:
     print("\n=== Search finished ===")
     print(f"Best trial {outcome.best_trial_id}: {outcome.best_config}")
-    print(f"  validation {metric} {outcome.best_val.get(metric, float('nan')):.4f} "
-          f"(epoch {int(outcome.best_val['epochs_completed'])}), accuracy {outcome.best_val.get('val_accuracy', 0):.4f}")
-    print(f"  test accuracy {outcome.test['test_accuracy']:.4f}, balanced accuracy "
-          f"{outcome.test['test_balanced_accuracy']:.4f}, macro-F1 {outcome.test['test_macro_f1']:.4f}")
+    print(
+        f"  validation {metric} {outcome.best_val.get(metric, float('nan')):.4f} "
+        f"(epoch {int(outcome.best_val['epochs_completed'])}), accuracy {outcome.best_val.get('val_accuracy', 0):.4f}"
+    )
+    print(
+        f"  test accuracy {outcome.test['test_accuracy']:.4f}, balanced accuracy "
+        f"{outcome.test['test_balanced_accuracy']:.4f}, macro-F1 {outcome.test['test_macro_f1']:.4f}"
+    )
     if outcome.baseline_val is not None:
         note = " (stopped early by ASHA)" if outcome.baseline_stopped_early else ""
         gain = outcome.best_val.get(metric, 0) - outcome.baseline_val
@@ -81,8 +100,10 @@ def print_summary(outcome: SearchOutcome, metric: str) -> None:
     stopped = sum(t["stopped_early"] for t in outcome.trials.values())
     failed = sum(t["status"] == "error" for t in outcome.trials.values())
     print(f"  {len(outcome.trials)} trials, {stopped} stopped early, {failed} failed")
-    print(f"Results: {outcome.path}/summary; MLflow parent run {outcome.parent_run_id} "
-          "(open with: mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    print(
+        f"Results: {outcome.path}/summary; MLflow parent run {outcome.parent_run_id} "
+        "(open with: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -62,9 +62,22 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 backed by a sqlite file; yields its URI."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "art"),
-               "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--default-artifact-root",
+        str(root / "art"),
+        "--workers",
+        "1",
+    ]
     log = open(root / "server.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -78,7 +91,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                output = (root / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server did not start: {output}") from None
             time.sleep(0.5)
     yield uri
     os.killpg(process.pid, 15)

@@ -24,8 +24,13 @@ from tests.conftest import local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-DEMO_OVERRIDES = {"num_samples": 4, "epochs": 3, "image_size": 32, "scheduler.grace_period": 1,
-                  "scheduler.reduction_factor": 2}
+DEMO_OVERRIDES = {
+    "num_samples": 4,
+    "epochs": 3,
+    "image_size": 32,
+    "scheduler.grace_period": 1,
+    "scheduler.reduction_factor": 2,
+}
 
 
 def rest(uri: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
@@ -44,8 +49,9 @@ def tags_of(run: dict) -> dict[str, str]:
 
 def test_search_on_two_cpus_records_everything_in_mlflow(small_demo: Path, mlflow_server: str, tmp_path: Path) -> None:
     space = load_space("demo", DEMO_OVERRIDES)
-    settings = SearchSettings(space=space, data_dir=small_demo, storage=str(tmp_path / "runs"),
-                              mlflow_uri=mlflow_server, experiment="e2e")
+    settings = SearchSettings(
+        space=space, data_dir=small_demo, storage=str(tmp_path / "runs"), mlflow_uri=mlflow_server, experiment="e2e"
+    )
     with local_ray(num_cpus=2):  # the laptop case that used to deadlock
         outcome = run_search(settings)
         leftovers = leftover_resources()
@@ -76,8 +82,9 @@ def test_search_on_two_cpus_records_everything_in_mlflow(small_demo: Path, mlflo
         tags = tags_of(child)
         assert {"trial_id", "model", "dataset_fingerprint", "git_commit", "stopped_early"} <= set(tags)
         assert {p["key"] for p in child["data"]["params"]} >= {"lr", "decay", "pca_std", "flip_prob"}
-        history = rest(mlflow_server, "metrics/get-history", run_id=child["info"]["run_id"],
-                       metric_key="val_balanced_accuracy")["metrics"]
+        history = rest(
+            mlflow_server, "metrics/get-history", run_id=child["info"]["run_id"], metric_key="val_balanced_accuracy"
+        )["metrics"]
         steps = sorted(point["step"] for point in history)
         epochs = int(tags["epochs_completed"])
         assert steps == list(range(1, epochs + 1))  # one point per epoch, the epoch as step
@@ -92,9 +99,27 @@ def test_search_on_two_cpus_records_everything_in_mlflow(small_demo: Path, mlflo
 
 def tune_command(storage: Path, db: Path, *extra: str) -> list[str]:
     overrides = [f"--set={key}={value}" for key, value in DEMO_OVERRIDES.items() if key != "num_samples"]
-    return [sys.executable, "-m", "prado_dist.tune", "--space", "demo", "--num-samples", "4", "--max-concurrent", "1",
-            "--num-cpus", "2", "--storage", str(storage), "--name", "resumable", "--mlflow-uri", f"sqlite:///{db}",
-            *overrides, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "prado_dist.tune",
+        "--space",
+        "demo",
+        "--num-samples",
+        "4",
+        "--max-concurrent",
+        "1",
+        "--num-cpus",
+        "2",
+        "--storage",
+        str(storage),
+        "--name",
+        "resumable",
+        "--mlflow-uri",
+        f"sqlite:///{db}",
+        *overrides,
+        *extra,
+    ]
 
 
 def finished_children(db: Path) -> int:
@@ -129,8 +154,13 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(small_demo: Pa
     ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_dir, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(tune_command(storage, db, "--data", str(small_demo)), env=env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        tune_command(storage, db, "--data", str(small_demo)),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 400
     while finished_children(db) < 2:  # two trials done, the third under way
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -139,8 +169,13 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(small_demo: Pa
     kill_session(first, ray_dir)
     done_before = finished_children(db)
 
-    second = subprocess.run(tune_command(storage, db, "--data", str(small_demo), "--resume"), env=env,
-                            capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        tune_command(storage, db, "--data", str(small_demo), "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "=== Search finished ===" in second.stdout
     summary = json.loads((storage / "resumable" / "summary" / "summary.json").read_text())

@@ -96,8 +96,9 @@ def test_set_overrides_fixed_settings_and_space_keys(tmp_path: Path) -> None:
     assert "lr" not in space.params and space.base_config().lr == 3e-3  # --set fixes a searched value
 
 
-@pytest.mark.parametrize(("item", "expected"), [("nonsense=1", "unknown setting"), ("epochs=many", "epochs"),
-                                                ("novalue", "key=value")])
+@pytest.mark.parametrize(
+    ("item", "expected"), [("nonsense=1", "unknown setting"), ("epochs=many", "epochs"), ("novalue", "key=value")]
+)
 def test_bad_set_values_are_rejected(tmp_path: Path, item: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_space(write(tmp_path, GOOD), parse_set([item]))

@@ -7,6 +7,7 @@ epoch's metrics and checkpoint through `ray.train.report`.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from prado_dist.config import TrainConfig
 from prado_dist.data import prepare_data
 from prado_dist.engine import TrainingRun, load_checkpoint, save_checkpoint
+from prado_dist.engine.reporting import epoch_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -46,8 +48,16 @@ def _gather(value: str) -> list[str]:
     return values
 
 
+def quiet_ray_report_log() -> None:
+    """Ray Train logs every report with all its metrics at INFO; rank 0's epoch line is enough."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; `loop_config["config"]` is a `TrainConfig` as JSON."""
+    quiet_ray_report_log()
     config = TrainConfig.model_validate_json(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -72,6 +82,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             run.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=run.device))
 
     def report(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
+        if rank == 0:
+            print(epoch_line(metrics, config.epochs), flush=True)
         # Every rank must call report; only rank 0 writes the (identical) state as a checkpoint.
         with tempfile.TemporaryDirectory() as directory:
             reported = None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from prado_dist.data import per_image_standardize, pca_colour_jitter, random_horizontal_flip
+from prado_dist.data import pca_colour_jitter, per_image_standardize, random_horizontal_flip
 from prado_dist.engine.metrics import Counts, metrics_from_counts
 
 
@@ -36,9 +36,7 @@ class InputPipeline:
     pca_std: float = 0.1
     pixel_mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
-    def __call__(
-        self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.float()
         if train:
             x = random_horizontal_flip(x, self.flip_prob, generator=generator)

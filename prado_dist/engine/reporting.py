@@ -102,8 +102,15 @@ def plot_trial_curves(
             continue
         epochs, values = zip(*points, strict=True)
         emphasised = name in highlight
-        axes.plot(epochs, values, marker="o", markersize=3, linewidth=2.2 if emphasised else 1.0,
-                  alpha=1.0 if emphasised else 0.6, label=name if emphasised or len(curves) <= 12 else None)
+        axes.plot(
+            epochs,
+            values,
+            marker="o",
+            markersize=3,
+            linewidth=2.2 if emphasised else 1.0,
+            alpha=1.0 if emphasised else 0.6,
+            label=name if emphasised or len(curves) <= 12 else None,
+        )
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)
     axes.grid(alpha=0.3)

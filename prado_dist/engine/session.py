@@ -28,7 +28,7 @@ EpochCallback = Callable[[int, dict[str, float], "TrainingRun"], None]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> this rank's GPU when CUDA is available, else the CPU."""
+    """ "auto" -> this rank's GPU when CUDA is available, else the CPU."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
@@ -87,9 +87,7 @@ class TrainingRun:
         loader_workers: int | None = None,
     ) -> None:
         if config.batch_size % world_size:
-            raise ValueError(
-                f"the global batch size {config.batch_size} must be divisible by the {world_size} workers"
-            )
+            raise ValueError(f"the global batch size {config.batch_size} must be divisible by the {world_size} workers")
         self.config = config
         self.data = data
         self.classes = list(data.classes)

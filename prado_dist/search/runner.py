@@ -26,7 +26,7 @@ from prado_dist.data import PreparedData, prepare_data
 from prado_dist.distributed import WorkerResources, check_fits, max_concurrent_runs, storage_uri
 from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint
 from prado_dist.engine.export import PaintingClassifier
-from prado_dist.engine.reporting import confusion_table, plot_confusion, plot_trial_curves, write_confusion_csv
+from prado_dist.engine.reporting import plot_confusion, plot_trial_curves, write_confusion_csv
 from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
 from prado_dist.search.space import SearchSpace
 from prado_dist.search.tracking import SearchTracker, connect, git_commit
@@ -96,8 +96,12 @@ def check_storage_writable(path: Path) -> None:
 
 def load_data(config) -> PreparedData:
     return prepare_data(
-        config.data_dir, config.image_size, cache_dir=config.cache_dir, test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction, split_seed=config.split_seed,
+        config.data_dir,
+        config.image_size,
+        cache_dir=config.cache_dir,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
     )
 
 
@@ -106,7 +110,9 @@ def build_tuner(settings: SearchSettings, path: Path, base_config, tracker: Sear
     resources = WorkerResources(**space.trial.model_dump())
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base_config=base_config.model_dump_json(), resources=resources,
+            run_trial,
+            base_config=base_config.model_dump_json(),
+            resources=resources,
             train_storage=train_storage_path(path),
         ),
         TRIAL_DRIVER_RESOURCES,
@@ -118,23 +124,33 @@ def build_tuner(settings: SearchSettings, path: Path, base_config, tracker: Sear
     check_fits(resources, concurrent=space.max_concurrent or 1)
     concurrent = space.max_concurrent or max_concurrent_runs(resources)
     searcher = PruningAwareOptunaSearch(
-        metric=space.metric, mode=space.mode, seed=space.seed, max_epochs=space.epochs,
+        metric=space.metric,
+        mode=space.mode,
+        seed=space.seed,
+        max_epochs=space.epochs,
         # The report's configuration is evaluated first: the search can only improve on it.
         points_to_evaluate=[space.baseline_point()],
     )
     scheduler = ASHAScheduler(
-        time_attr=EPOCHS_COMPLETED, max_t=space.epochs, grace_period=min(space.scheduler.grace_period, space.epochs),
+        time_attr=EPOCHS_COMPLETED,
+        max_t=space.epochs,
+        grace_period=min(space.scheduler.grace_period, space.epochs),
         reduction_factor=space.scheduler.reduction_factor,
     )
     return tune.Tuner(
         trainable,
         param_space=space.tune_space(),
         tune_config=tune.TuneConfig(
-            metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=space.num_samples, max_concurrent_trials=concurrent,
+            metric=space.metric,
+            mode=space.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=space.num_samples,
+            max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
-            name=path.name, storage_path=str(path.parent),
+            name=path.name,
+            storage_path=str(path.parent),
             failure_config=tune.FailureConfig(max_failures=settings.trial_failures),
             callbacks=[PlacementGroupReleaser(), tracker],
             verbose=1,
@@ -151,9 +167,15 @@ def parent_run(settings: SearchSettings, path: Path, client, experiment_id: str,
         return run_id
     run = client.create_run(experiment_id, run_name=path.name, tags=tags)
     space = settings.space
-    params = {"space": space.name, "model": space.model, "num_samples": space.num_samples,
-              "metric": space.metric, "mode": space.mode, **{f"fixed.{k}": v for k, v in space.fixed.items()},
-              **{f"search.{k}": json.dumps(v.model_dump()) for k, v in space.params.items()}}
+    params = {
+        "space": space.name,
+        "model": space.model,
+        "num_samples": space.num_samples,
+        "metric": space.metric,
+        "mode": space.mode,
+        **{f"fixed.{k}": v for k, v in space.fixed.items()},
+        **{f"search.{k}": json.dumps(v.model_dump()) for k, v in space.params.items()},
+    }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_dict(run.info.run_id, space.model_dump(mode="json"), "search_space.json")
     state_file.write_text(json.dumps({"parent_run_id": run.info.run_id, "experiment_id": experiment_id}))
@@ -170,14 +192,28 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
     check_storage_writable(path)
     experiment = settings.experiment or space.name
     client, experiment_id = connect(settings.mlflow_uri, experiment)
-    tags = {"space": space.name, "model": space.model, "dataset_fingerprint": data.fingerprint,
-            "git_commit": git_commit(), "storage": str(path)}
+    tags = {
+        "space": space.name,
+        "model": space.model,
+        "dataset_fingerprint": data.fingerprint,
+        "git_commit": git_commit(),
+        "storage": str(path),
+    }
     parent_id = parent_run(settings, path, client, experiment_id, tags)
-    tracker = SearchTracker(settings.mlflow_uri, experiment_id, parent_id, {k: v for k, v in tags.items()
-                            if k != "storage"}, space.epochs, path / "mlflow_pending.jsonl")
-    print(f"Search {path.name}: {space.num_samples} trials of {space.model} ({space.epochs} epochs), "
-          f"metric {space.metric} ({space.mode}); storage {path}; MLflow {settings.mlflow_uri} "
-          f"experiment {experiment!r}, parent run {parent_id}", flush=True)
+    tracker = SearchTracker(
+        settings.mlflow_uri,
+        experiment_id,
+        parent_id,
+        {k: v for k, v in tags.items() if k != "storage"},
+        space.epochs,
+        path / "mlflow_pending.jsonl",
+    )
+    print(
+        f"Search {path.name}: {space.num_samples} trials of {space.model} ({space.epochs} epochs), "
+        f"metric {space.metric} ({space.mode}); storage {path}; MLflow {settings.mlflow_uri} "
+        f"experiment {experiment!r}, parent run {parent_id}",
+        flush=True,
+    )
     tuner = build_tuner(settings, path, base_config, tracker)
     results = tuner.fit()
     outcome = summarise(results, space, data, path, parent_id)
@@ -202,8 +238,11 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
         epochs = max((int(row[EPOCHS_COMPLETED]) for row in rows), default=0)
         best_row = max(rows, key=lambda row: sign * row[space.metric], default=None)
         trials[trial_id] = {
-            "config": dict(result.config), "status": "error" if result.error else "ok", "epochs": epochs,
-            "best": best_row[space.metric] if best_row else None, "stopped_early": epochs < space.epochs,
+            "config": dict(result.config),
+            "status": "error" if result.error else "ok",
+            "epochs": epochs,
+            "best": best_row[space.metric] if best_row else None,
+            "stopped_early": epochs < space.epochs,
             "curve": [(int(row[EPOCHS_COMPLETED]), float(row[space.metric])) for row in rows],
         }
         for row in rows:
@@ -219,13 +258,19 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
     state = load_checkpoint(checkpoint)
     test_metrics, confusion = evaluate_checkpoint(state, data, "test")
     baseline = space.baseline_point()
-    baseline_trial = next((t for t in trials.values() if all(t["config"].get(k) == v for k, v in baseline.items())),
-                          None)
+    baseline_trial = next(
+        (t for t in trials.values() if all(t["config"].get(k) == v for k, v in baseline.items())), None
+    )
     outcome = SearchOutcome(
-        path=path, parent_run_id=parent_id, best_config=trials[best_id]["config"], best_trial_id=best_id,
+        path=path,
+        parent_run_id=parent_id,
+        best_config=trials[best_id]["config"],
+        best_trial_id=best_id,
         best_val={k: float(v) for k, v in best_row.items() if k.startswith("val_") and isinstance(v, int | float)},
-        test=test_metrics, baseline_val=baseline_trial["best"] if baseline_trial else None,
-        baseline_stopped_early=bool(baseline_trial and baseline_trial["stopped_early"]), trials=trials,
+        test=test_metrics,
+        baseline_val=baseline_trial["best"] if baseline_trial else None,
+        baseline_stopped_early=bool(baseline_trial and baseline_trial["stopped_early"]),
+        trials=trials,
     )
     outcome.best_val["epochs_completed"] = float(best_row[EPOCHS_COMPLETED])
     outcome._state = state  # type: ignore[attr-defined]  # the best checkpoint, for logging the model
@@ -233,20 +278,31 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
     return outcome
 
 
-def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, space: SearchSpace,
-                base_config, results) -> None:
+def log_outcome(
+    client, outcome: SearchOutcome, data: PreparedData, path: Path, space: SearchSpace, base_config, results
+) -> None:
     """Best config and metrics, test metrics, figures and the best model on the parent run."""
     run_id = outcome.parent_run_id
     artifacts = path / "summary"
     artifacts.mkdir(exist_ok=True)
     confusion = outcome._confusion  # type: ignore[attr-defined]
-    plot_confusion(confusion, data.classes, artifacts / "test_confusion_matrix.png",
-                   title=f"best trial {outcome.best_trial_id}: test split")
+    plot_confusion(
+        confusion,
+        data.classes,
+        artifacts / "test_confusion_matrix.png",
+        title=f"best trial {outcome.best_trial_id}: test split",
+    )
     write_confusion_csv(confusion, data.classes, artifacts / "test_confusion_matrix.csv")
     curves = {trial_id: trial["curve"] for trial_id, trial in outcome.trials.items()}
     plot_trial_curves(curves, space.metric, artifacts / "trial_curves.png", highlight=[outcome.best_trial_id])
-    summary = {"best_trial": outcome.best_trial_id, "best_config": outcome.best_config, "best_val": outcome.best_val,
-               "test": outcome.test, "baseline_val": outcome.baseline_val, "trials": outcome.trials}
+    summary = {
+        "best_trial": outcome.best_trial_id,
+        "best_config": outcome.best_config,
+        "best_val": outcome.best_val,
+        "test": outcome.test,
+        "baseline_val": outcome.baseline_val,
+        "trials": outcome.trials,
+    }
     (artifacts / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     metrics = [Metric(f"best_{k}", v, int(time.time() * 1000), 0) for k, v in outcome.best_val.items()]
     metrics += [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in outcome.test.items()]
@@ -278,7 +334,10 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
-            classifier, name="model", signature=signature, input_example=example.numpy(),
+            classifier,
+            name="model",
+            signature=signature,
+            input_example=example.numpy(),
             metadata={"classes": list(data.classes), "image_size": train_config.image_size},
         )
 

@@ -44,6 +44,7 @@ class IntUniform(_Strict):
     low: int
     high: int  # inclusive
 
+
 class Choice(_Strict):
     distribution: Literal["choice"]
     values: list[Any] = Field(min_length=1)

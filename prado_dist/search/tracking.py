@@ -58,7 +58,10 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or "unknown"
@@ -70,9 +73,21 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {
         key: float(value)
         for key, value in result.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        and key not in {"epoch", "epochs_completed", "training_iteration", "timestamp", "time_total_s",
-                        "time_this_iter_s", "pid", "time_since_restore", "iterations_since_restore"}
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and key
+        not in {
+            "epoch",
+            "epochs_completed",
+            "training_iteration",
+            "timestamp",
+            "time_total_s",
+            "time_this_iter_s",
+            "pid",
+            "time_since_restore",
+            "iterations_since_restore",
+        }
     }
 
 
@@ -127,8 +142,13 @@ class SearchTracker(tune.Callback):
     """Mirrors a Tune search into MLflow as a parent run with one child run per trial."""
 
     def __init__(
-        self, uri: str, experiment_id: str, parent_run_id: str, tags: dict[str, str],
-        max_epochs: int, pending_file: Path,
+        self,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        tags: dict[str, str],
+        max_epochs: int,
+        pending_file: Path,
     ) -> None:
         self.uri = uri
         self.pending_file = pending_file
@@ -154,16 +174,17 @@ class SearchTracker(tune.Callback):
         """The trial's child run, created once (also across a resumed search: found by its tag)."""
         if trial.trial_id in self.child_runs:
             return self.child_runs[trial.trial_id]
-        existing = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'",
-            max_results=1,
-        )
+        query = f"tags.trial_id = '{trial.trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'"
+        existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         if existing:
             run_id = existing[0].info.run_id
         else:
-            tags = {**self.tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, "trial_id": trial.trial_id,
-                    MLFLOW_RUN_NAME: f"trial-{trial.trial_id}"}
+            tags = {
+                **self.tags,
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                "trial_id": trial.trial_id,
+                MLFLOW_RUN_NAME: f"trial-{trial.trial_id}",
+            }
             run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
             params = [Param(key, str(value)) for key, value in sorted(trial.config.items())]
             self.client.log_batch(run_id, params=params)
@@ -188,8 +209,10 @@ class SearchTracker(tune.Callback):
 
     def _finish(self, trial: Trial, status: str, error: str | None = None) -> None:
         epochs = self.last_epoch.get(trial.trial_id, 0)
-        tags = [RunTag("epochs_completed", str(epochs)),
-                RunTag("stopped_early", str(status == "FINISHED" and epochs < self.max_epochs).lower())]
+        tags = [
+            RunTag("epochs_completed", str(epochs)),
+            RunTag("stopped_early", str(status == "FINISHED" and epochs < self.max_epochs).lower()),
+        ]
         if error:
             tags.append(RunTag("error", error[:4000]))
 

@@ -24,6 +24,7 @@ from prado_dist.search import (
     known_spaces,
     load_space,
     parse_set,
+    prepare_search,
     run_search,
     tracking_uri,
 )
@@ -111,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        prepared = prepare_search(settings)  # data, storage and MLflow are checked before Ray starts
         connect(args.address, num_cpus=args.num_cpus)
-        outcome = run_search(settings)
+        outcome = run_search(prepared)
     except (ConfigError, DataError, ResourceError, SearchError, TrackingError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,12 +3,20 @@
 Imports the Ray Train layer (prado_dist.distributed) and below; the CLI (prado_dist.tune) wraps it.
 """
 
-from prado_dist.search.runner import SearchError, SearchOutcome, SearchSettings, run_search
+from prado_dist.search.runner import (
+    PreparedSearch,
+    SearchError,
+    SearchOutcome,
+    SearchSettings,
+    prepare_search,
+    run_search,
+)
 from prado_dist.search.searcher import PruningAwareOptunaSearch
 from prado_dist.search.space import SearchSpace, known_spaces, load_space, parse_set
 from prado_dist.search.tracking import TrackingError, tracking_uri
 
 __all__ = [
+    "PreparedSearch",
     "PruningAwareOptunaSearch",
     "SearchError",
     "SearchOutcome",
@@ -18,6 +26,7 @@ __all__ = [
     "known_spaces",
     "load_space",
     "parse_set",
+    "prepare_search",
     "run_search",
     "tracking_uri",
 ]

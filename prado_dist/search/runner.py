@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 import ray
+import ray.train
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
@@ -23,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData, prepare_data
-from prado_dist.distributed import WorkerResources, check_fits, max_concurrent_runs, storage_uri
+from prado_dist.distributed import CHECKPOINT_FILE, WorkerResources, check_fits, max_concurrent_runs, storage_uri
 from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint
 from prado_dist.engine.export import PaintingClassifier
 from prado_dist.engine.reporting import plot_confusion, plot_trial_curves, write_confusion_csv
@@ -71,17 +72,41 @@ class SearchOutcome:
 
 
 # --- setting up -------------------------------------------------------------------------------------
-def search_dir(settings: SearchSettings) -> Path:
-    """Local folder of the search (Tune state, Train checkpoints); URIs are used as they are by Ray."""
-    root = Path(storage_uri(settings.storage))
+@dataclass(frozen=True)
+class SearchLocation:
+    """Where Ray writes the search (`uri`: a local path or s3://...) and this machine's own folder."""
+
+    uri: str
+    local: Path
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent_uri(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def locate(settings: SearchSettings) -> SearchLocation:
+    """The search folder: --name, the newest <space>-* when resuming, else <space>-<time>."""
+    root = storage_uri(settings.storage)
+    remote = "://" in root
     if settings.name:
-        return root / settings.name
-    if settings.resume:
-        candidates = sorted(root.glob(f"{settings.space.name}-*"), key=lambda p: p.stat().st_mtime)
+        name = settings.name
+    elif settings.resume:
+        if remote:
+            raise SearchError("--resume with a remote --storage needs --name (the search to continue)")
+        candidates = sorted(Path(root).glob(f"{settings.space.name}-*"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise SearchError(f"--resume: no earlier search of space {settings.space.name!r} under {root}")
-        return candidates[-1]
-    return root / f"{settings.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = candidates[-1].name
+    else:
+        name = f"{settings.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = f"{root.rstrip('/')}/{name}"
+    # With remote storage the driver keeps its own records (MLflow state, summary) under ./runs.
+    local = Path("runs").resolve() / name if remote else Path(uri)
+    return SearchLocation(uri, local)
 
 
 def check_storage_writable(path: Path) -> None:
@@ -105,7 +130,9 @@ def load_data(config) -> PreparedData:
     )
 
 
-def build_tuner(settings: SearchSettings, path: Path, base_config, tracker: SearchTracker) -> tune.Tuner:
+def build_tuner(
+    settings: SearchSettings, location: SearchLocation, base_config: TrainConfig, tracker: SearchTracker
+) -> tune.Tuner:
     space = settings.space
     resources = WorkerResources(**space.trial.model_dump())
     trainable = tune.with_resources(
@@ -113,14 +140,14 @@ def build_tuner(settings: SearchSettings, path: Path, base_config, tracker: Sear
             run_trial,
             base_config=base_config.model_dump_json(),
             resources=resources,
-            train_storage=train_storage_path(path),
+            train_storage=train_storage_path(location.uri),
         ),
         TRIAL_DRIVER_RESOURCES,
     )
     if settings.resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise SearchError(f"--resume: {path} holds no Tune experiment to resume")
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        if not tune.Tuner.can_restore(location.uri):
+            raise SearchError(f"--resume: {location.uri} holds no Tune experiment to resume")
+        return tune.Tuner.restore(location.uri, trainable, resume_unfinished=True, resume_errored=True)
     check_fits(resources, concurrent=space.max_concurrent or 1)
     concurrent = space.max_concurrent or max_concurrent_runs(resources)
     searcher = PruningAwareOptunaSearch(
@@ -149,8 +176,8 @@ def build_tuner(settings: SearchSettings, path: Path, base_config, tracker: Sear
             max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
-            name=path.name,
-            storage_path=str(path.parent),
+            name=location.name,
+            storage_path=location.parent_uri,
             failure_config=tune.FailureConfig(max_failures=settings.trial_failures),
             callbacks=[PlacementGroupReleaser(), tracker],
             verbose=1,
@@ -158,14 +185,16 @@ def build_tuner(settings: SearchSettings, path: Path, base_config, tracker: Sear
     )
 
 
-def parent_run(settings: SearchSettings, path: Path, client, experiment_id: str, tags: dict[str, str]) -> str:
+def parent_run(
+    settings: SearchSettings, location: SearchLocation, client, experiment_id: str, tags: dict[str, str]
+) -> str:
     """The search's MLflow parent run: continued on resume, created otherwise."""
-    state_file = path / STATE_FILE
+    state_file = location.local / STATE_FILE
     if settings.resume and state_file.is_file():
         run_id = json.loads(state_file.read_text())["parent_run_id"]
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(experiment_id, run_name=path.name, tags=tags)
+    run = client.create_run(experiment_id, run_name=location.name, tags=tags)
     space = settings.space
     params = {
         "space": space.name,
@@ -183,42 +212,60 @@ def parent_run(settings: SearchSettings, path: Path, client, experiment_id: str,
 
 
 # --- the run ------------------------------------------------------------------------------------------
-def run_search(settings: SearchSettings) -> SearchOutcome:
-    """Run (or resume) the search described by `settings` on the connected Ray cluster."""
+@dataclass
+class PreparedSearch:
+    """Everything checked and set up before Ray is involved: data, storage, MLflow."""
+
+    settings: SearchSettings
+    base_config: TrainConfig
+    data: PreparedData
+    location: SearchLocation
+    client: Any
+    experiment_id: str
+    parent_run_id: str
+    tracker: SearchTracker
+
+
+def prepare_search(settings: SearchSettings) -> PreparedSearch:
+    """Validate data, storage and MLflow, decode the images once and open the MLflow parent run.
+
+    Runs before Ray starts, so a typo or an unreachable server costs seconds, not a cluster.
+    """
     space = settings.space
     base_config = space.base_config(data_dir=settings.data_dir)
-    data = load_data(base_config)  # decode once, in the driver, before any trial
-    path = search_dir(settings)
-    check_storage_writable(path)
+    location = locate(settings)
+    check_storage_writable(location.local)
     experiment = settings.experiment or space.name
     client, experiment_id = connect(settings.mlflow_uri, experiment)
+    data = load_data(base_config)  # decode once, in the driver, before any trial
     tags = {
         "space": space.name,
         "model": space.model,
         "dataset_fingerprint": data.fingerprint,
         "git_commit": git_commit(),
-        "storage": str(path),
     }
-    parent_id = parent_run(settings, path, client, experiment_id, tags)
+    parent_id = parent_run(settings, location, client, experiment_id, {**tags, "storage": location.uri})
     tracker = SearchTracker(
-        settings.mlflow_uri,
-        experiment_id,
-        parent_id,
-        {k: v for k, v in tags.items() if k != "storage"},
-        space.epochs,
-        path / "mlflow_pending.jsonl",
+        settings.mlflow_uri, experiment_id, parent_id, tags, space.epochs, location.local / "mlflow_pending.jsonl"
     )
+    return PreparedSearch(settings, base_config, data, location, client, experiment_id, parent_id, tracker)
+
+
+def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
+    """Run (or resume) a search on the connected Ray cluster; settings are prepared first if needed."""
+    prepared = search if isinstance(search, PreparedSearch) else prepare_search(search)
+    settings, space, location = prepared.settings, prepared.settings.space, prepared.location
     print(
-        f"Search {path.name}: {space.num_samples} trials of {space.model} ({space.epochs} epochs), "
-        f"metric {space.metric} ({space.mode}); storage {path}; MLflow {settings.mlflow_uri} "
-        f"experiment {experiment!r}, parent run {parent_id}",
+        f"Search {location.name}: {space.num_samples} trials of {space.model} ({space.epochs} epochs), "
+        f"metric {space.metric} ({space.mode}); storage {location.uri}; MLflow {settings.mlflow_uri} "
+        f"experiment {settings.experiment or space.name!r}, parent run {prepared.parent_run_id}",
         flush=True,
     )
-    tuner = build_tuner(settings, path, base_config, tracker)
+    tuner = build_tuner(settings, location, prepared.base_config, prepared.tracker)
     results = tuner.fit()
-    outcome = summarise(results, space, data, path, parent_id)
-    log_outcome(client, outcome, data, path, space, base_config, results)
-    tracker.records.close()
+    outcome = summarise(results, space, prepared.data, location.local, prepared.parent_run_id)
+    log_outcome(prepared.client, outcome, prepared.data, location.local, space)
+    prepared.tracker.records.close()
     return outcome
 
 
@@ -246,16 +293,17 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
             "curve": [(int(row[EPOCHS_COMPLETED]), float(row[space.metric])) for row in rows],
         }
         for row in rows:
-            checkpoint = Path(str(row.get("checkpoint_path") or "")) / "checkpoint.pt"
-            if row.get("checkpoint_path") and checkpoint.is_file():
+            if row.get("checkpoint_path"):
                 score = sign * row[space.metric]
                 if best is None or score > best[0]:
-                    best = (score, trial_id, row, checkpoint)
+                    best = (score, trial_id, row, row["checkpoint_path"])
     if best is None:
         errors = [str(r.error)[:300] for r in results if r.error]
         raise SearchError(f"no trial produced a checkpoint; errors: {errors or 'none reported'}")
-    _, best_id, best_row, checkpoint = best
-    state = load_checkpoint(checkpoint)
+    _, best_id, best_row, checkpoint_uri = best
+    # The best epoch is among the checkpoints Ray keeps (best N by the same metric); local or remote.
+    checkpoint_dir = ray.train.Checkpoint(checkpoint_uri).to_directory()
+    state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
     test_metrics, confusion = evaluate_checkpoint(state, data, "test")
     baseline = space.baseline_point()
     baseline_trial = next(
@@ -278,9 +326,7 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
     return outcome
 
 
-def log_outcome(
-    client, outcome: SearchOutcome, data: PreparedData, path: Path, space: SearchSpace, base_config, results
-) -> None:
+def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, space: SearchSpace) -> None:
     """Best config and metrics, test metrics, figures and the best model on the parent run."""
     run_id = outcome.parent_run_id
     artifacts = path / "summary"

@@ -1,0 +1,126 @@
+"""The training engine on tiny inputs, without Ray."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prado_dist.config import ConfigError, TrainConfig
+from prado_dist.data import PreparedData, prepare_data
+from prado_dist.engine import (
+    CheckpointError,
+    Counts,
+    NonFiniteLossError,
+    TrainingRun,
+    exponential_decay_after,
+    load_checkpoint,
+    metrics_from_counts,
+    save_checkpoint,
+)
+from prado_dist.engine.loop import weighted_cross_entropy
+
+CLASSES = ["goya", "bayeu", "haes", "pizarro", "ribera"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    return prepare_data(small_demo, 32, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def config(data_dir: Path, **overrides) -> TrainConfig:
+    base = {"model": "mobilenet", "image_size": 32, "epochs": 2, "bn_momentum": 0.3, "data_dir": data_dir}
+    return TrainConfig().with_overrides({**base, **overrides})
+
+
+def test_schedule_keeps_lr_then_decays_exponentially() -> None:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = exponential_decay_after(optimizer, decay_start=10, decay=0.05)
+    rates = []
+    for _ in range(13):
+        rates.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert rates[:10] == [1e-3] * 10  # the report: unchanged for epochs 0-9
+    assert rates[10] == pytest.approx(1e-3 * math.exp(-0.05))
+    assert rates[12] == pytest.approx(1e-3 * math.exp(-0.15))
+
+
+def test_class_weighted_loss_divides_by_batch_size_like_keras() -> None:
+    logits = torch.randn(4, 5)
+    labels = torch.tensor([0, 1, 1, 4])
+    weights = torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0])
+    per_sample = weighted_cross_entropy(weights)(logits, labels)
+    plain = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(per_sample.mean(), (plain * weights[labels]).sum() / 4)
+
+
+def test_metrics_from_counts() -> None:
+    counts = Counts.zeros(5)
+    logits = torch.eye(5)[[0, 0, 1, 2, 2, 3]]  # predictions 0,0,1,2,2,3
+    counts.add(logits, torch.tensor([0, 1, 1, 2, 3, 3]), loss_sum=6.0)
+    metrics = metrics_from_counts(counts, CLASSES, prefix="val_")
+    assert metrics["val_loss"] == pytest.approx(1.0)
+    assert metrics["val_accuracy"] == pytest.approx(4 / 6)
+    # recalls: goya 1, bayeu 1/2, haes 1, pizarro 1/2; ribera absent -> not averaged
+    assert metrics["val_balanced_accuracy"] == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
+    assert metrics["val_recall_bayeu"] == pytest.approx(0.5)
+    assert metrics["val_precision_goya"] == pytest.approx(0.5)
+
+
+def test_seeded_runs_are_reproducible(tiny_data: PreparedData, small_demo: Path) -> None:
+    first = TrainingRun(config(small_demo, epochs=1), tiny_data).fit()
+    second = TrainingRun(config(small_demo, epochs=1), tiny_data).fit()
+    for key in ("train_loss", "val_loss", "val_balanced_accuracy"):
+        assert first[0][key] == second[0][key]
+
+
+def test_resume_continues_with_same_state_and_schedule(tiny_data: PreparedData, small_demo: Path, tmp_path) -> None:
+    settings = {"epochs": 3, "decay_start": 1, "decay": 0.5}
+    straight = TrainingRun(config(small_demo, **settings), tiny_data)
+    straight.fit()
+
+    interrupted = TrainingRun(config(small_demo, **settings), tiny_data)
+    interrupted.run_epoch(0)
+    interrupted.history.append({"epoch": 0})
+    save_checkpoint(tmp_path / "ckpt.pt", interrupted.state_dict(epoch=0))
+    resumed = TrainingRun(config(small_demo, **settings), tiny_data)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt"))
+    assert resumed.start_epoch == 1
+    history = resumed.fit()
+    assert [m["lr"] for m in history[1:]] == pytest.approx([m["lr"] for m in straight.history[1:]])
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_with_epoch_and_step(tiny_data: PreparedData, small_demo: Path) -> None:
+    run = TrainingRun(config(small_demo, lr=1e30), tiny_data)
+    with pytest.raises(NonFiniteLossError, match=r"epoch \d+, step \d+"):
+        run.fit()
+
+
+def test_checkpoints_are_weights_only_and_foreign_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ok.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 3, "config": "{}"})
+    assert load_checkpoint(path)["epoch"] == 3
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": np.arange(3)}, foreign)  # a numpy object: refused by weights_only
+    with pytest.raises(CheckpointError):
+        load_checkpoint(foreign)
+    other = tmp_path / "other.pt"
+    torch.save({"state": torch.ones(1)}, other)
+    with pytest.raises(CheckpointError, match="not a prado_dist checkpoint"):
+        load_checkpoint(other)
+
+
+def test_config_rejects_unknown_and_invalid_settings() -> None:
+    with pytest.raises(ConfigError, match="unknown setting"):
+        TrainConfig().with_overrides({"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig().with_overrides({"epochs": 0})

@@ -31,6 +31,9 @@ class TrainConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # before the classifier; report: none
     pretrained: Path | None = None  # transfer learning: local weight file (no downloads)
     unfreeze_stages: int = Field(0, ge=0)  # transfer learning: 0 = frozen backbone (report)
+    # transfer learning: with a frozen backbone and no augmentation, run the backbone once and train
+    # the head on stored features (prado_dist/engine/features.py); results are the same, only faster.
+    feature_cache: bool = True
     # BatchNorm running-statistics momentum (PyTorch sense). None keeps the models' Keras value
     # 0.01, right for the report's 50 epochs x 59 steps; runs of a few dozen steps need ~0.1, or
     # evaluation uses statistics that are still mostly their initial values.
@@ -75,6 +78,12 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
     prefix = f"{source}: " if source else ""
     lines = []
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
-        lines.append(f"{prefix}{key}: {problem['msg']} (got {problem.get('input')!r})")
+        # A validator's own ValueError already names the setting and the bad value; pydantic's
+        # "Value error, " prefix and, for whole-object checks, the entire input only bury it.
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:
+            lines.append(f"{prefix}{message}")
+            continue
+        key = ".".join(str(part) for part in problem["loc"])
+        lines.append(f"{prefix}{key}: {message} (got {problem.get('input')!r})")
     return "\n".join(lines)

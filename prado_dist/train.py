@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prado_dist.config import ConfigError, TrainConfig
 from prado_dist.data import DataError, PreparedData, prepare_data, split_counts
@@ -27,6 +28,10 @@ from prado_dist.engine.reporting import (
     plot_learning_curves,
     write_confusion_csv,
 )
+from prado_dist.models import is_model, list_models
+
+if TYPE_CHECKING:  # imported lazily below: --single-process runs never import Ray
+    from prado_dist.distributed import WorkerResources
 
 DEFAULTS = TrainConfig()
 
@@ -67,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace, data_dir: Path) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, data_dir: Path | None) -> TrainConfig:
+    if not is_model(args.model):  # checked here, before the images are decoded
+        raise ConfigError(f"--model {args.model!r} is unknown; known models: {list_models()} or 'timm:<name>'")
     fields = {
         "model": args.model,
         "data_dir": data_dir,
@@ -91,17 +98,18 @@ def config_from_args(args: argparse.Namespace, data_dir: Path) -> TrainConfig:
     return TrainConfig().with_overrides(fields)
 
 
-def resolve_data_dir(data: Path | None) -> Path:
-    """`data`, or the built-in demo set with a note on how to use the real paintings."""
-    if data is not None:
-        return data
-    path = demo_data_dir()
-    print(
-        f"No --data given: using the generated demo paintings in {path} (not real paintings).\n"
-        "For the Prado images: python -m prado_dist.data fetch --csv prado.csv --out DIR, then --data DIR.",
-        flush=True,
-    )
-    return path
+def announce_data(data: Path | None) -> Path | None:
+    """`data` unchanged; without it, say that the built-in demo set is used and how to get real data.
+
+    The demo set stays `None` in the config: every machine (every Ray node) builds it for itself.
+    """
+    if data is None:
+        print(
+            f"No --data given: using the generated demo paintings in {demo_data_dir()} (not real paintings).\n"
+            "For the Prado images: python -m prado_dist.data fetch --csv prado.csv --out DIR, then --data DIR.",
+            flush=True,
+        )
+    return data
 
 
 def train_single_process(config: TrainConfig, data: PreparedData, out: Path) -> tuple[dict, list[dict]]:
@@ -122,17 +130,24 @@ def train_single_process(config: TrainConfig, data: PreparedData, out: Path) -> 
 
 def train_with_ray(config: TrainConfig, args: argparse.Namespace, out: Path) -> tuple[dict, list[dict]]:
     """Train through Ray Train; returns (best checkpoint state, per-epoch history)."""
-    from prado_dist.distributed import WorkerResources, best_checkpoint_file, connect, run_training
+    from prado_dist.distributed import best_checkpoint_file, connect, run_training
 
-    resources = WorkerResources(
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=1.0 if args.use_gpu else 0.0
-    )
+    resources = resources_from_args(args)
     connect(args.address)
     storage = args.storage or out / "ray"
     result = run_training(config, resources, storage=storage, name=out.name, max_failures=args.max_failures)
     state = load_checkpoint(best_checkpoint_file(result))
     last = load_checkpoint(Path(result.checkpoint.to_directory()) / "checkpoint.pt")
     return state, last["history"]
+
+
+def resources_from_args(args: argparse.Namespace) -> WorkerResources:
+    """The Ray Train workers asked for; raises `ResourceError` (a ValueError) for impossible values."""
+    from prado_dist.distributed import WorkerResources
+
+    return WorkerResources(
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=1.0 if args.use_gpu else 0.0
+    )
 
 
 def final_report(state: dict, history: list[dict], data: PreparedData, out: Path, device: str) -> dict:
@@ -161,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(args, resolve_data_dir(args.data))
+        config = config_from_args(args, announce_data(args.data))
+        if not args.single_process:
+            resources_from_args(args)  # --workers 0 and the like fail before the images are decoded
         data = prepare_data(
             config.data_dir,
             config.image_size,
@@ -181,7 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.single_process:
         state, history = train_single_process(config, data, out)
     else:
-        state, history = train_with_ray(config, args, out)
+        from prado_dist.distributed import ResourceError
+
+        try:
+            state, history = train_with_ray(config, args, out)
+        except (ConnectionError, ResourceError) as err:  # unreachable --address; resources that cannot fit
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         save_checkpoint(out / "best.pt", state)
     final_report(state, history, data, out, device=args.device)
     return 0

@@ -28,7 +28,7 @@ from prado_dist.search import (
     run_search,
     tracking_uri,
 )
-from prado_dist.train import resolve_data_dir
+from prado_dist.train import announce_data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         raise DataError(f"--data {args.data} does not exist")
     return SearchSettings(
         space=space,
-        data_dir=resolve_data_dir(args.data),
+        data_dir=announce_data(args.data),
         storage=args.storage,
         name=args.name,
         resume=args.resume,

@@ -14,6 +14,7 @@ renamed into place, so a reader never sees a half-written cache.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,8 @@ class DecodedCache:
     classes: list[str]
     paths: list[Path]  # source file of each image
     rejected: list[tuple[Path, str]]  # files that could not be decoded
+    # Groups of 2+ source files with identical contents (same picture twice: a split leak, or two labels).
+    duplicates: list[list[Sample]] = field(default_factory=list)
 
 
 def default_cache_dir() -> Path:
@@ -140,11 +143,25 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(sample_set: SampleSet, image_size: int) -> str:
-    """The content fingerprint naming a cache folder (also used to tag runs)."""
+def file_digests(sample_set: SampleSet) -> list[str]:
+    """sha256 of every sample's file, in sample order."""
     # hashlib releases the GIL on large buffers, so threads hash files in parallel.
     with ThreadPoolExecutor(decode_workers()) as pool:
-        digests = list(pool.map(file_digest, (sample.path for sample in sample_set.samples)))
+        return list(pool.map(file_digest, (sample.path for sample in sample_set.samples)))
+
+
+def duplicate_groups(sample_set: SampleSet, digests: Sequence[str]) -> list[list[Sample]]:
+    """Samples whose files have identical contents, in groups of two or more (sample order)."""
+    groups: dict[str, list[Sample]] = {}
+    for digest, sample in zip(digests, sample_set.samples, strict=True):
+        groups.setdefault(digest, []).append(sample)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def cache_key(sample_set: SampleSet, image_size: int, digests: Sequence[str] | None = None) -> str:
+    """The content fingerprint naming a cache folder (also used to tag runs)."""
+    if digests is None:
+        digests = file_digests(sample_set)
     description = {
         "format": CACHE_FORMAT_VERSION,
         "image_size": image_size,
@@ -162,12 +179,18 @@ def build_cache(sample_set: SampleSet, image_size: int, cache_dir: Path | None =
     if image_size < 2:
         raise ValueError(f"image_size must be at least 2 pixels, got {image_size}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(sample_set, image_size)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cache_write_error(cache_dir, err) from err
+    digests = file_digests(sample_set)
+    key = cache_key(sample_set, image_size, digests)
+    duplicates = duplicate_groups(sample_set, digests)
     directory = cache_dir / key
 
     cached = _open_if_complete(directory, key, image_size, sample_set)
     if cached is not None:
+        cached.duplicates = duplicates
         return cached
     lock = FileLock(str(cache_dir / f"{key}.lock"))
     try:
@@ -178,6 +201,7 @@ def build_cache(sample_set: SampleSet, image_size: int, cache_dir: Path | None =
     try:
         cached = _open_if_complete(directory, key, image_size, sample_set)
         if cached is not None:
+            cached.duplicates = duplicates
             return cached
         if directory.exists():
             # Only reachable if a cache folder was damaged by hand; rebuild it.
@@ -185,13 +209,41 @@ def build_cache(sample_set: SampleSet, image_size: int, cache_dir: Path | None =
             shutil.rmtree(directory)
         for leftover in cache_dir.glob(f"{_staging_prefix(key)}*"):  # from a killed build; we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
-        _write_cache(sample_set, image_size, key, directory)
+        try:
+            _write_cache(sample_set, image_size, key, directory)
+        except OSError as err:  # _write_cache has removed its staging folder; earlier caches are untouched
+            raise _cache_write_error(cache_dir, err) from err
+        if duplicates:  # reported once, when the cache is built; `inspect` lists them every time
+            logger.warning(describe_duplicates(duplicates, sample_set.classes))
     finally:
         lock.release()
     cached = _open_if_complete(directory, key, image_size, sample_set)
     if cached is None:
         raise RuntimeError(f"cache {directory} was written but cannot be read back")
+    cached.duplicates = duplicates
     return cached
+
+
+def describe_duplicates(duplicates: Sequence[Sequence[Sample]], classes: Sequence[str]) -> str:
+    """One line per group of identical files, e.g. `a.jpg (goya) = b.jpg (bayeu)  [two classes]`."""
+    conflicting = sum(len({sample.label for sample in group}) > 1 for group in duplicates)
+    lines = [
+        f"{len(duplicates)} group(s) of files with identical contents ({conflicting} under different classes): "
+        "the same picture can land in both training and test splits, or carry two labels. Remove the copies."
+    ]
+    for group in duplicates:
+        labels = {sample.label for sample in group}
+        note = "  [different classes]" if len(labels) > 1 else ""
+        lines.append("  " + " = ".join(f"{sample.path} ({classes[sample.label]})" for sample in group) + note)
+    return "\n".join(lines)
+
+
+def _cache_write_error(cache_dir: Path, err: OSError) -> DataError:
+    where = f" ({err.filename})" if err.filename else ""
+    return DataError(
+        f"cannot write the decoded-image cache in {cache_dir}: {err.strerror or err}{where}; free disk space "
+        f"there or set ${CACHE_ENV} to a writable folder with room for the decoded images"
+    )
 
 
 def _write_cache(sample_set: SampleSet, image_size: int, key: str, directory: Path) -> None:
@@ -201,6 +253,7 @@ def _write_cache(sample_set: SampleSet, image_size: int, key: str, directory: Pa
         images_path = staging / IMAGES_FILE
         shape = (len(samples), image_size, image_size, 3)
         images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=shape)
+        _preallocate(images_path)
         kept, rejected = _decode_into(images, samples, image_size)
         images.flush()
         del images
@@ -272,11 +325,28 @@ def _shrink_npy(path: Path, rows: int) -> None:
     shrunk_path = path.with_suffix(".shrunk.npy")
     shape = (rows, *full.shape[1:])
     shrunk = np.lib.format.open_memmap(shrunk_path, mode="w+", dtype=full.dtype, shape=shape)
+    _preallocate(shrunk_path)
     for start in range(0, rows, _DECODE_CHUNK):
         shrunk[start : start + _DECODE_CHUNK] = full[start : min(start + _DECODE_CHUNK, rows)]
     shrunk.flush()
     del shrunk, full
     os.replace(shrunk_path, path)
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve the disk blocks of a new (sparse) memmap file now.
+
+    A write into a memory map on a full disk is a SIGBUS that kills the process without a message;
+    reserving first turns it into an OSError (ENOSPC) here, which is reported and cleaned up.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):  # not supported here: go on
+                raise
 
 
 def _open_if_complete(

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from prado_dist.data.cache import build_cache
-from prado_dist.data.sources import find_samples
+from prado_dist.data.sources import Sample, find_samples
 from prado_dist.data.split import stratified_split
 
 
@@ -32,6 +32,8 @@ class PreparedData:
     fingerprint: str  # the cache key: file contents, labels, classes, image size
     rejected: list[tuple[Path, str]]  # files left out, with the reason
     paths: list[Path] = field(default_factory=list)  # source file of each image (error analysis)
+    # Source files with identical contents, in groups of 2+ (logged when the cache is built).
+    duplicates: list[list[Sample]] = field(default_factory=list)
 
     @property
     def image_size(self) -> int:
@@ -53,7 +55,7 @@ class PreparedData:
 
 
 def prepare_data(
-    data_dir: Path,
+    data_dir: Path | None,
     image_size: int = 224,
     *,
     cache_dir: Path | None = None,
@@ -65,7 +67,13 @@ def prepare_data(
 
     `cache_dir` defaults to `$PRADO_DIST_CACHE` or `~/.cache/prado_dist`. Raises `DataError` when
     the folder is not a usable dataset and `ValueError` when a class is too small to split.
+    `data_dir` None means the generated demo set, built once per machine (so every node of a Ray
+    cluster finds it, not only the one that started the run).
     """
+    if data_dir is None:
+        from prado_dist.data.demo import demo_data_dir  # lazy: demo imports this module's package
+
+        data_dir = demo_data_dir()
     sample_set = find_samples(Path(data_dir))
     cache = build_cache(sample_set, image_size, cache_dir)
     splits = stratified_split(cache.labels, test_fraction, val_fraction, split_seed)
@@ -78,6 +86,7 @@ def prepare_data(
         # Files the finder skipped are re-listed every time; decode failures come from the cache.
         rejected=[*sample_set.rejected, *cache.rejected],
         paths=cache.paths,
+        duplicates=cache.duplicates,
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from prado_dist.config import TrainConfig
+from prado_dist.data.cache import describe_duplicates
 from prado_dist.data.dataset import PreparedData, prepare_data, split_counts
 from prado_dist.data.sources import DataError, SampleSet, find_samples
 
@@ -67,6 +68,10 @@ def describe_dataset(data_dir: Path, sample_set: SampleSet, prepared: PreparedDa
         lines.extend(f"  {path}: {reason}" for path, reason in prepared.rejected)
     else:
         lines.append("rejected files: none")
+    if prepared.duplicates:
+        lines.append(describe_duplicates(prepared.duplicates, prepared.classes))
+    else:
+        lines.append("identical files: none")
     return "\n".join(lines)
 
 

@@ -27,8 +27,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def load_training_data(config: TrainConfig):
     """The decoded cache for `config` on this node (built once under a lock if this node lacks it)."""
-    if config.data_dir is None:
-        raise ValueError("TrainConfig.data_dir must be resolved (demo or real data) before training starts")
     return prepare_data(
         config.data_dir,
         config.image_size,

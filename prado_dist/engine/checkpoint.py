@@ -33,6 +33,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as err:  # disk full, quota, read-only: say which file, and that nothing was lost
+        Path(temporary).unlink(missing_ok=True)
+        raise OSError(
+            err.errno, f"{err.strerror or err} while writing checkpoint (any previous one is unchanged)", str(path)
+        ) from err
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

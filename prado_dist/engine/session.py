@@ -4,10 +4,16 @@
 the Ray Train layer (prado_dist.distributed) drives the same object on every worker, passing its
 rank, the world size and a function that wraps the model for data parallelism. Nothing here
 imports Ray.
+
+With a frozen transfer backbone and no augmentation the run trains the head alone on cached
+features (features.py): `network` is always the whole model (checkpoints, export), `model` is what
+the loops train and evaluate (the head, or the whole model), and `pipeline` turns a loader's batch
+into `model`'s input.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -16,14 +22,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, split_counts
+from prado_dist.engine.features import (
+    FeatureDataset,
+    FeatureHead,
+    FeaturePipeline,
+    feature_cache_decision,
+    load_or_build_features,
+)
 from prado_dist.engine.loop import InputPipeline, evaluate, train_one_epoch, weighted_cross_entropy
 from prado_dist.engine.schedule import exponential_decay_after
-from prado_dist.models import create_model
+from prado_dist.models import TransferModel, create_model
 
+logger = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float], "TrainingRun"], None]
 
 
@@ -71,6 +85,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+_announced: set[str] = set()
+
+
+def announce_once(message: str, level: int = logging.INFO) -> None:
+    """Log `message` once per process (a search's trials reuse worker processes)."""
+    if message not in _announced:
+        _announced.add(message)
+        logger.log(level, message)
+
+
 class TrainingRun:
     """Everything one (possibly data-parallel) training run needs, built from `config`."""
 
@@ -106,7 +130,22 @@ class TrainingRun:
         model = model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-        self.pipeline = InputPipeline(config.flip_prob, config.pca_std, getattr(model, "pixel_mean_std", None))
+        self.network = model  # the whole model: what checkpoints store and exports run
+        self.image_pipeline = InputPipeline(config.flip_prob, config.pca_std, getattr(model, "pixel_mean_std", None))
+        self.use_features, message = feature_cache_decision(config, model)
+        self.features_built = False  # True once this run (not an earlier one) ran the backbone over the data
+        self.features_seconds = 0.0  # spent getting the features: the backbone pass, or opening the file
+        if message and rank == 0:
+            announce_once(message, logging.INFO if self.use_features else logging.WARNING)
+        if isinstance(model, TransferModel) and config.pretrained is None and rank == 0:
+            announce_once(
+                f"{config.model}: no pretrained weights given, so the backbone is randomly initialised (seed "
+                f"{config.seed}) and is not the report's ImageNet feature extractor; pass pretrained=PATH or "
+                "hf-cache (docs/transfer.md)",
+                logging.WARNING,
+            )
+        trained = FeatureHead(model) if self.use_features else model
+        self.pipeline = FeaturePipeline() if self.use_features else self.image_pipeline
         weights = torch.tensor(class_weights(train_counts), dtype=torch.float32, device=self.device)
         self.loss_fn = weighted_cross_entropy(weights if config.class_weights else None, config.label_smoothing)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -115,10 +154,12 @@ class TrainingRun:
             trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=config.weight_decay
         )
         self.scheduler = exponential_decay_after(self.optimizer, config.decay_start, config.decay)
-        self.model = wrap_model(model) if wrap_model is not None else model
+        # DDP wraps what is trained: with cached features only the head's gradients are all-reduced.
+        self.model = wrap_model(trained) if wrap_model is not None else trained
         # bf16 autocast on GPUs (tensor cores); full precision on the CPU, where it would be slower.
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.loaders = self._make_loaders(loader_workers)
+        self._loader_workers = loader_workers
+        self._loaders: dict[str, DataLoader] | None = None
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -135,20 +176,43 @@ class TrainingRun:
             kwargs["unfreeze_stages"] = config.unfreeze_stages
         return kwargs
 
+    @property
+    def loaders(self) -> dict[str, DataLoader]:
+        """train/val/test loaders, made on first use: a cached run computes or opens its features then,
+        after any checkpoint has been loaded, and a run built only to export a model never does."""
+        if self._loaders is None:
+            self._loaders = self._make_loaders(self._loader_workers)
+        return self._loaders
+
     def _make_loaders(self, workers: int | None) -> dict[str, DataLoader]:
         on_gpu = self.device.type == "cuda"
         # Batches are memcpy'd from the memory-mapped cache: on a CPU-only machine extra loader
         # processes only compete with training for the same cores; on a GPU they keep it fed.
         workers = workers if workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
+        if self.use_features:
+            workers = 0  # a batch of cached features is one in-memory index: nothing to parallelise
+            cached = load_or_build_features(
+                self.network, self.data, self.config.cache_dir, device=self.device, batch_size=self.config.batch_size
+            )
+            self.features_built = self.features_built or cached.built
+            self.features_seconds += cached.seconds
+
+            def dataset_of(split: str) -> Dataset:
+                return FeatureDataset(cached.features, self.data, split)
+        else:
+
+            def dataset_of(split: str) -> Dataset:
+                return PaintingsDataset(self.data, split)
+
         common = {"num_workers": workers, "pin_memory": on_gpu, "persistent_workers": workers > 0}
         per_rank_batch = self.config.batch_size // self.world_size
-        train = PaintingsDataset(self.data, "train")
+        train = dataset_of("train")
         self.train_sampler = DistributedSampler(
             train, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.config.seed
         )
         loaders = {"train": DataLoader(train, per_rank_batch, sampler=self.train_sampler, **common)}
         for split in ("val", "test"):
-            dataset = PaintingsDataset(self.data, split)
+            dataset = dataset_of(split)
             sampler = ShardSampler(len(dataset), self.rank, self.world_size)
             loaders[split] = DataLoader(dataset, per_rank_batch, sampler=sampler, **common)
         return loaders
@@ -156,12 +220,13 @@ class TrainingRun:
     # --- one epoch ----------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, step the schedule, evaluate on validation; the epoch's metrics."""
+        loaders = self.loaders  # a cached run's first epoch computes or opens the features here
         self.train_sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 1009 + self.rank)
         lr = self.optimizer.param_groups[0]["lr"]
         metrics = train_one_epoch(
             self.model,
-            self.loaders["train"],
+            loaders["train"],
             self.optimizer,
             self.loss_fn,
             self.pipeline,
@@ -173,7 +238,12 @@ class TrainingRun:
         )
         self.scheduler.step()
         val_metrics, _ = self.evaluate("val")
-        return {"epoch": epoch, "epochs_completed": epoch + 1, "lr": lr, **metrics, **val_metrics}
+        metrics = {"epoch": epoch, "epochs_completed": epoch + 1, "lr": lr, **metrics, **val_metrics}
+        if isinstance(self.network, TransferModel):
+            # Recorded with every trial (MLflow): whether the head trained on cached features, and
+            # whether this run paid the backbone pass (the first trial) or reused another's.
+            metrics.update(feature_cache=float(self.use_features), feature_cache_built=float(self.features_built))
+        return metrics
 
     def evaluate(self, split: str = "val") -> tuple[dict[str, float], Any]:
         """Metrics of the current model over a whole split (and the summed confusion counts)."""
@@ -201,7 +271,7 @@ class TrainingRun:
     def state_dict(self, epoch: int) -> dict[str, Any]:
         """A weights-only-loadable checkpoint of the state after `epoch`."""
         return {
-            "model": unwrap(self.model).state_dict(),
+            "model": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
@@ -213,11 +283,17 @@ class TrainingRun:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the checkpointed epoch with the same weights, optimiser state and schedule."""
-        unwrap(self.model).load_state_dict(state["model"])
+        self.load_model_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state.get("history", []))
         self.start_epoch = int(state["epoch"]) + 1
+
+    def load_model_state(self, model_state: dict[str, torch.Tensor]) -> None:
+        """Load the whole model's weights (a checkpoint's "model"); cached features follow the new backbone."""
+        self.network.load_state_dict(model_state)
+        if self.use_features:
+            self._loaders = None  # features are keyed by the backbone's weights: reopen (or build) them
 
 
 def evaluate_checkpoint(
@@ -226,6 +302,6 @@ def evaluate_checkpoint(
     """Metrics and confusion matrix of a checkpoint's model on one split (single process)."""
     config = TrainConfig.model_validate_json(state["config"]).with_overrides({"device": device})
     run = TrainingRun(config, data)
-    unwrap(run.model).load_state_dict(state["model"])
+    run.load_model_state(state["model"])
     metrics, counts = run.evaluate(split)
     return metrics, counts.confusion

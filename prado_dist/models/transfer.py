@@ -127,6 +127,8 @@ def build_backbone(timm_name: str, pretrained: Path | str | None) -> nn.Module:
     if not timm.is_model(timm_name):
         raise ValueError(f"unknown timm model {timm_name!r}; see timm.list_models() for the available names")
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
+    if pretrained is not None and str(pretrained) == HF_CACHE:
+        pretrained = HF_CACHE  # TrainConfig.pretrained is a Path: Path("hf-cache") != "hf-cache"
     if pretrained == HF_CACHE:
         from huggingface_hub import constants
 

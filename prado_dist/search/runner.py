@@ -7,6 +7,7 @@ best checkpoint once on the test split; log the summary to the MLflow parent run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -20,7 +21,8 @@ import ray.train
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData, prepare_data
@@ -49,13 +51,17 @@ class SearchError(RuntimeError):
 @dataclass
 class SearchSettings:
     space: SearchSpace
-    data_dir: Path
+    data_dir: Path | None  # None: the generated demo set, built on each machine that needs it
     storage: str = "runs"
     name: str | None = None  # default: <space>-<time>; with resume: the newest <space>-* run
     resume: bool = False
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # default: the space name
     trial_failures: int = 2  # each trial restarts from its checkpoint up to this many times
+    # Baselines for comparisons (bench/search_efficiency.py): "random" search, no early stopping.
+    algorithm: str = "tpe"  # "tpe" (Optuna) or "random" (Tune's random sampling)
+    early_stopping: bool = True  # ASHA; False runs every trial to the full budget
+    epoch_budget: int | None = None  # stop the search once trials have trained this many epochs
 
 
 @dataclass
@@ -97,16 +103,40 @@ def locate(settings: SearchSettings) -> SearchLocation:
     elif settings.resume:
         if remote:
             raise SearchError("--resume with a remote --storage needs --name (the search to continue)")
-        candidates = sorted(Path(root).glob(f"{settings.space.name}-*"), key=lambda p: p.stat().st_mtime)
+        # Only searches Tune can restore: a start that failed (MLflow down, resources refused) leaves a
+        # folder without Tune state, which must not hide the search before it.
+        candidates = sorted(
+            (path for path in Path(root).glob(f"{settings.space.name}-*") if tune.Tuner.can_restore(str(path))),
+            key=lambda path: path.stat().st_mtime,
+        )
         if not candidates:
             raise SearchError(f"--resume: no earlier search of space {settings.space.name!r} under {root}")
         name = candidates[-1].name
     else:
-        name = f"{settings.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = f"{settings.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = claim_new_folder(Path("runs").resolve() if remote else Path(root), base)
     uri = f"{root.rstrip('/')}/{name}"
     # With remote storage the driver keeps its own records (MLflow state, summary) under ./runs.
     local = Path("runs").resolve() / name if remote else Path(uri)
     return SearchLocation(uri, local)
+
+
+def claim_new_folder(parent: Path, base: str) -> str:
+    """`base`, else `base-2`, `base-3`, ...: the first name whose folder this call creates.
+
+    Default names have one-second resolution; two searches started in the same second into the same
+    storage would otherwise share one folder. `mkdir` is atomic, so each gets its own.
+    """
+    for attempt in range(1, 1000):
+        name = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            (parent / name).mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise SearchError(f"storage {parent} is not writable: {err}; pass a writable --storage") from None
+        return name
+    raise SearchError(f"storage {parent}: no free search name {base}-N; pass --name")
 
 
 def check_storage_writable(path: Path) -> None:
@@ -150,19 +180,28 @@ def build_tuner(
         return tune.Tuner.restore(location.uri, trainable, resume_unfinished=True, resume_errored=True)
     check_fits(resources, concurrent=space.max_concurrent or 1)
     concurrent = space.max_concurrent or max_concurrent_runs(resources)
-    searcher = PruningAwareOptunaSearch(
-        metric=space.metric,
-        mode=space.mode,
-        seed=space.seed,
-        max_epochs=space.epochs,
-        # The report's configuration is evaluated first: the search can only improve on it.
-        points_to_evaluate=[space.baseline_point()],
-    )
-    scheduler = ASHAScheduler(
-        time_attr=EPOCHS_COMPLETED,
-        max_t=space.epochs,
-        grace_period=min(space.scheduler.grace_period, space.epochs),
-        reduction_factor=space.scheduler.reduction_factor,
+    if settings.algorithm == "tpe":
+        searcher = PruningAwareOptunaSearch(
+            metric=space.metric,
+            mode=space.mode,
+            seed=space.seed,
+            max_epochs=space.epochs,
+            # The report's configuration is evaluated first: the search can only improve on it.
+            points_to_evaluate=[space.baseline_point()],
+        )
+    elif settings.algorithm == "random":
+        searcher = BasicVariantGenerator(points_to_evaluate=[space.baseline_point()], random_state=space.seed)
+    else:
+        raise SearchError(f"unknown search algorithm {settings.algorithm!r}; use 'tpe' or 'random'")
+    scheduler = (
+        ASHAScheduler(
+            time_attr=EPOCHS_COMPLETED,
+            max_t=space.epochs,
+            grace_period=min(space.scheduler.grace_period, space.epochs),
+            reduction_factor=space.scheduler.reduction_factor,
+        )
+        if settings.early_stopping
+        else FIFOScheduler()
     )
     return tune.Tuner(
         trainable,
@@ -180,9 +219,25 @@ def build_tuner(
             storage_path=location.parent_uri,
             failure_config=tune.FailureConfig(max_failures=settings.trial_failures),
             callbacks=[PlacementGroupReleaser(), tracker],
+            stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None,
             verbose=1,
         ),
     )
+
+
+class EpochBudget(tune.Stopper):
+    """Stop the whole search once its trials have trained `budget` epochs in total."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.spent = 0
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.spent += 1  # every result is one completed epoch of one trial
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.budget
 
 
 def parent_run(
@@ -261,12 +316,31 @@ def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
         f"experiment {settings.experiment or space.name!r}, parent run {prepared.parent_run_id}",
         flush=True,
     )
-    tuner = build_tuner(settings, location, prepared.base_config, prepared.tracker)
-    results = tuner.fit()
-    outcome = summarise(results, space, prepared.data, location.local, prepared.parent_run_id)
-    log_outcome(prepared.client, outcome, prepared.data, location.local, space)
-    prepared.tracker.records.close()
+    try:
+        try:
+            tuner = build_tuner(settings, location, prepared.base_config, prepared.tracker)
+        except Exception as err:  # refused before any trial started (e.g. resources that can never fit)
+            with contextlib.suppress(Exception):
+                prepared.client.set_tag(prepared.parent_run_id, "error", str(err)[:4000])
+                prepared.client.set_terminated(prepared.parent_run_id, status="FAILED")
+            raise
+        results = tuner.fit()
+        outcome = summarise(results, space, prepared.data, location.local, prepared.parent_run_id)
+        log_outcome(prepared.client, outcome, prepared.data, location.local, space)
+    finally:
+        # Also when the search fails or is interrupted: MLflow records still unwritten are listed.
+        prepared.tracker.records.close()
     return outcome
+
+
+def _error_line(error: BaseException | None) -> str | None:
+    """Why a trial failed, in one line: the error type and the last line of its message, which for a
+    worker's failure names the worker's exception (`...NonFiniteLossError: training loss became nan ...`)."""
+    if error is None:
+        return None
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:500]
 
 
 def trial_history(result) -> list[dict[str, Any]]:
@@ -287,10 +361,14 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
         trials[trial_id] = {
             "config": dict(result.config),
             "status": "error" if result.error else "ok",
+            "error": _error_line(result.error),
             "epochs": epochs,
             "best": best_row[space.metric] if best_row else None,
             "stopped_early": epochs < space.epochs,
             "curve": [(int(row[EPOCHS_COMPLETED]), float(row[space.metric])) for row in rows],
+            "timestamps": [float(row.get("timestamp", 0)) for row in rows],
+            "first_report_s": float(rows[0]["time_total_s"]) if rows and "time_total_s" in rows[0] else None,
+            "first_epoch_s": float(rows[0]["epoch_seconds"]) if rows else None,
         }
         for row in rows:
             if row.get("checkpoint_path"):
@@ -372,8 +450,9 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     state = outcome._state  # type: ignore[attr-defined]
     train_config = TrainConfig.model_validate_json(state["config"]).with_overrides({"device": "cpu"})
     run = TrainingRun(train_config, data)
-    run.model.load_state_dict(state["model"])
-    classifier = PaintingClassifier(run.model, run.pipeline, data.classes, train_config.image_size)
+    # The whole network on images (a transfer run may have trained its head on cached features).
+    run.load_model_state(state["model"])
+    classifier = PaintingClassifier(run.network, run.image_pipeline, data.classes, train_config.image_size)
     # One image per call: MLflow 3 saves the model with torch.export ("pt2"), specialised to this shape.
     example = torch.from_numpy(data.images[data.splits["test"][:1]].transpose(0, 3, 1, 2).copy()).float()
     signature = infer_signature(example.numpy(), classifier(example).numpy())

@@ -42,10 +42,9 @@ def tracking_uri(cli_value: str | None) -> str:
 
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client and the experiment id; fails fast, naming the URI and the cause."""
-    client = MlflowClient(tracking_uri=uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        client = MlflowClient(tracking_uri=uri)  # an unsupported URI scheme already fails here
+        experiment_id = _experiment_id(client, experiment)
     except Exception as err:
         raise TrackingError(
             f"cannot use the MLflow tracking server at {uri!r}: {type(err).__name__}: {str(err)[:300]}. "
@@ -53,6 +52,20 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
             "another --mlflow-uri."
         ) from None
     return client, experiment_id
+
+
+def _experiment_id(client: MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except Exception:
+        # Two searches starting at once: the other one created it between our lookup and create.
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def git_commit() -> str:
@@ -133,7 +146,10 @@ class RecordQueue:
         self.flush()
         missing = [description for description, _ in self.pending]
         if missing:
-            self.pending_file.write_text("\n".join(json.dumps({"record": m}) for m in missing) + "\n")
+            # Appended: a resumed search must not erase what an earlier driver could not write.
+            with open(self.pending_file, "a", encoding="utf-8") as handle:
+                handle.write("".join(json.dumps({"record": m}) + "\n" for m in missing))
+            self.pending.clear()  # listed once, even if close() is called again
             logger.warning("%d MLflow records could not be written; listed in %s", len(missing), self.pending_file)
         return missing
 
@@ -186,8 +202,10 @@ class SearchTracker(tune.Callback):
                 MLFLOW_RUN_NAME: f"trial-{trial.trial_id}",
             }
             run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
-            params = [Param(key, str(value)) for key, value in sorted(trial.config.items())]
-            self.client.log_batch(run_id, params=params)
+        # Also when the run was found: a retried write may have created it and then failed before
+        # logging the params (logging the same values again is allowed).
+        params = [Param(key, str(value)) for key, value in sorted(trial.config.items())]
+        self.client.log_batch(run_id, params=params)
         self.child_runs[trial.trial_id] = run_id
         return run_id
 

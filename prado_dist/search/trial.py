@@ -20,6 +20,8 @@ Why trials hung on a 2-CPU machine (measured while building this; see README "Re
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +85,14 @@ class PlacementGroupReleaser(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._release(trial)
 
+    def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        stop_orphaned_cleaners(every_one=True)  # every trial actor is stopped by now
+
     def _release(self, trial: Trial) -> None:
         group_id = self._placement_groups.pop(trial.trial_id, None)
         if group_id:
             release_placement_group(group_id)
+        stop_orphaned_cleaners()
 
 
 def release_placement_group(group_id: str) -> bool:
@@ -100,6 +106,59 @@ def release_placement_group(group_id: str) -> bool:
         logger.debug("placement group %s: %s", group_id, err)
         return False
     logger.info("released placement group %s of a stopped trial", group_id[:12])
+    return True
+
+
+def stop_orphaned_cleaners(every_one: bool = False) -> int:
+    """End the PlacementGroupCleaner actors that this job's ended Train runs left on this node.
+
+    Every Train run starts a detached PlacementGroupCleaner that polls the State API once a second
+    until its controller is dead. Without the dashboard it never learns that, so each trial that Tune
+    kills (an ASHA stop; with ASHA also every trial at its last epoch, which is max_t) leaves one
+    Ray worker process behind until Ray shuts down, or for good on a persistent cluster, since it is
+    detached. Measured: 12 alive after a 12-trial search (bench/search_load.py). Its placement group
+    is released above; here the process is ended. The GCS actor table (no dashboard needed) names a
+    cleaner's owner, its controller. A cleaner is ended when that controller is dead, or always with
+    `every_one` once no Train run of the job is left. Only cleaners on this node can be reached, by
+    pid: Train puts them on the head node, where the driver normally runs. Returns how many were ended.
+    """
+    from ray._private import state  # the GCS actor table; ray.util.state would need the dashboard
+
+    try:
+        context = ray.get_runtime_context()
+        actors = list(state.actors(job_id=ray.JobID.from_hex(context.get_job_id())).values())
+        node = context.get_node_id()
+    except Exception as err:  # best effort: never let clean-up fail a search
+        logger.debug("cannot read the actor table: %s", err)
+        return 0
+
+    def address(entry: dict) -> tuple[str, int]:
+        return entry["IPAddress"], entry["Port"]
+
+    controllers = [actor for actor in actors if actor["ActorClassName"] == "TrainController"]
+    alive = {address(actor["Address"]) for actor in controllers if actor["State"] != "DEAD"}
+    dead = {address(actor["Address"]) for actor in controllers if actor["State"] == "DEAD"}
+    ended = 0
+    for actor in actors:
+        if actor["ActorClassName"] != "PlacementGroupCleaner" or actor["State"] != "ALIVE":
+            continue
+        owner = address(actor["OwnerAddress"])
+        orphaned = every_one or (owner in dead and owner not in alive)
+        if orphaned and actor["Address"]["NodeID"] == node and _terminate(actor["Pid"], "ray::PlacementGroupCleaner"):
+            ended += 1
+    if ended:
+        logger.info("ended %d PlacementGroupCleaner actor(s) of finished Train runs", ended)
+    return ended
+
+
+def _terminate(pid: int, expected_title: str) -> bool:
+    """SIGTERM `pid` if it is still the process named `expected_title` (pids are reused)."""
+    try:
+        if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(expected_title.encode()):
+            return False
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return False
     return True
 
 

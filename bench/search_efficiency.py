@@ -1,0 +1,126 @@
+"""TPE + ASHA against random search without early stopping, for the same budget of epochs.
+
+For each seed both searches run on the same data and space until their trials have trained
+`--budget` epochs in total. From every search's results (ordered by time) we get the best
+validation metric reached as a function of epochs spent, and the number of epochs each search
+needed to reach the random search's final best. Goal: TPE+ASHA needs at most half of them.
+Also measured: Tune's per-trial overhead (trial start to first reported epoch, minus that epoch).
+
+    python bench/search_efficiency.py [--data DIR] [--seeds 3] [--budget 24]
+
+Appends one JSON line to bench/results/search_efficiency.jsonl and writes a plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import record  # noqa: E402
+
+from prado_dist.data.demo import demo_data_dir  # noqa: E402
+from prado_dist.engine.reporting import plt  # noqa: E402
+from prado_dist.search import SearchSettings, load_space, run_search  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAINTINGS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings-dev"
+
+
+def best_so_far(outcome, metric_mode: str = "max") -> list[tuple[int, float]]:
+    """(epochs spent, best validation metric so far) after every reported epoch, in time order."""
+    events = []
+    for trial in outcome.trials.values():
+        for (_epoch, value), stamp in zip(trial["curve"], trial["timestamps"], strict=True):
+            events.append((stamp, value))
+    events.sort()
+    best, curve = float("-inf"), []
+    for spent, (_, value) in enumerate(events, start=1):
+        best = max(best, value)
+        curve.append((spent, best))
+    return curve
+
+
+def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((spent for spent, best in curve if best >= target - 1e-12), None)
+
+
+def run(space_name: str, data: Path, seed: int, budget: int, algorithm: str, early_stopping: bool, root: Path):
+    space = load_space(space_name, {"seed": seed, "num_samples": budget})  # the budget ends the search
+    settings = SearchSettings(
+        space=space, data_dir=data, storage=str(root / "runs"), name=f"{algorithm}-{seed}",
+        mlflow_uri=f"sqlite:///{root}/mlflow.db", experiment="search-efficiency", algorithm=algorithm,
+        early_stopping=early_stopping, epoch_budget=budget,
+    )
+    return run_search(settings)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="default: paintings-dev if present, else demo")
+    parser.add_argument("--space", default="demo")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=24, help="epochs per search (all trials together)")
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args()
+    data = args.data or (PAINTINGS_DEV if PAINTINGS_DEV.is_dir() else demo_data_dir())
+    root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    per_seed, curves, overheads = [], {}, []
+    for seed in range(args.seeds):
+        tpe = run(args.space, data, seed, args.budget, "tpe", True, root)
+        random = run(args.space, data, seed, args.budget, "random", False, root)
+        tpe_curve, random_curve = best_so_far(tpe), best_so_far(random)
+        target = random_curve[-1][1]
+        needed = {"tpe_asha": epochs_to_reach(tpe_curve, target), "random": epochs_to_reach(random_curve, target)}
+        per_seed.append({
+            "seed": seed, "random_final_best": target, "tpe_final_best": tpe_curve[-1][1],
+            "epochs_to_reach_random_best": needed,
+            "ratio": needed["tpe_asha"] / needed["random"] if needed["tpe_asha"] else None,
+            "tpe_trials": len(tpe.trials), "random_trials": len(random.trials),
+            "tpe_stopped_early": sum(t["stopped_early"] for t in tpe.trials.values()),
+            "tpe_test_accuracy": tpe.test["test_accuracy"], "random_test_accuracy": random.test["test_accuracy"],
+        })
+        curves[seed] = (tpe_curve, random_curve)
+        for outcome in (tpe, random):
+            overheads += [t["first_report_s"] - t["first_epoch_s"] for t in outcome.trials.values()
+                          if t.get("first_report_s") is not None]
+        print(json.dumps(per_seed[-1]), flush=True)
+    ray.shutdown()
+
+    ratios = [s["ratio"] for s in per_seed if s["ratio"] is not None]
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for seed, (tpe_curve, random_curve) in curves.items():
+        axes.step(*zip(*tpe_curve, strict=True), where="post", color="tab:blue", alpha=0.8,
+                  label="TPE + ASHA" if seed == 0 else None)
+        axes.step(*zip(*random_curve, strict=True), where="post", color="tab:orange", alpha=0.8,
+                  label="random, no early stopping" if seed == 0 else None)
+    axes.set_xlabel("epochs spent (all trials)")
+    axes.set_ylabel("best validation balanced accuracy so far")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    RESULTS.mkdir(exist_ok=True)
+    figure.savefig(RESULTS / "search_efficiency.png", dpi=110)
+    entry = record({
+        "benchmark": "search_efficiency", "space": args.space, "data": str(data), "budget_epochs": args.budget,
+        "seeds": per_seed, "median_ratio_tpe_to_random_epochs": statistics.median(ratios) if ratios else None,
+        "seeds_where_tpe_reached_random_best": len(ratios), "goal": "median ratio <= 0.5",
+        # Trial start to first reported epoch, minus that epoch's own training time.
+        "median_trial_overhead_s": statistics.median(overheads) if overheads else None,
+    })
+    with open(RESULTS / "search_efficiency.jsonl", "a") as file:
+        file.write(json.dumps(entry) + "\n")
+    keys = ("median_ratio_tpe_to_random_epochs", "seeds_where_tpe_reached_random_best", "median_trial_overhead_s")
+    print(json.dumps({key: entry[key] for key in keys}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

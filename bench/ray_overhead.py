@@ -42,7 +42,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -64,6 +63,9 @@ from prado_dist.distributed import WorkerResources, build_trainer, check_fits
 from prado_dist.distributed.resources import local_ray_init_kwargs
 from prado_dist.engine import TrainingRun
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "ray_overhead.jsonl"
 GOAL_STEADY_RATIO = 0.9  # Ray Train, 1 worker, at >= 90% of the engine's steady-state images/s
 GOAL_STARTUP_SECONDS = 15.0
@@ -71,29 +73,6 @@ EPOCH_KEYS = ("epoch", "epoch_seconds", "images_per_second")
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "hostname": platform.node(),
-        "cpu_model": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def append_json(path: Path, record: dict[str, Any]) -> None:
@@ -325,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
+        "machine": {**machine(), "torch": torch.__version__, "ray": ray.__version__},
         "load_average_1min": load,  # before, between and after the phases: other users slow every run
         "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
         "epochs_per_run": {"b": args.side_by_side_epochs, "a2": args.epochs, "c": args.epochs},

@@ -143,11 +143,13 @@ def train_with_ray(config: TrainConfig, args: argparse.Namespace, out: Path) -> 
 
 def resources_from_args(args: argparse.Namespace) -> WorkerResources:
     """The Ray Train workers asked for; raises `ResourceError` (a ValueError) for impossible values."""
-    from prado_dist.distributed import WorkerResources
+    from prado_dist.distributed import WorkerResources, check_global_batch
 
-    return WorkerResources(
+    resources = WorkerResources(
         workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=1.0 if args.use_gpu else 0.0
     )
+    check_global_batch(args.batch_size, resources.workers)
+    return resources
 
 
 def final_report(state: dict, history: list[dict], data: PreparedData, out: Path, device: str) -> dict:

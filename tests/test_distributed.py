@@ -5,7 +5,8 @@
   every epoch appears exactly once;
 * a resumed run (engine, and Ray re-run under the same name) continues the learning-rate schedule and
   ends with the weights of an uninterrupted run;
-* requests the cluster can never schedule are refused before anything starts;
+* requests the cluster can never schedule, and global batches that do not split evenly over the
+  workers, are refused before anything starts;
 * `python -m prado_dist.train --workers 2` writes its figures and tables.
 
 Equivalence needs a model without BatchNorm: on the CPU each worker normalises its own shard with its
@@ -180,7 +181,7 @@ def test_two_workers_match_one_process(ray_cluster: str, demo_root: Path, demo_d
     weights_after: dict[int, dict[str, torch.Tensor]] = {}
 
     def keep_weights(epoch: int, _: dict[str, float], run: TrainingRun) -> None:
-        weights_after[epoch] = {key: value.clone() for key, value in run.model.state_dict().items()}
+        weights_after[epoch] = {key: value.clone() for key, value in run.network.state_dict().items()}
 
     single.fit(keep_weights)
 
@@ -270,7 +271,7 @@ def test_resumed_engine_run_continues_schedule_and_weights(demo_root: Path, demo
     assert [m["lr"] for m in uninterrupted.history] == pytest.approx(expected_lrs, rel=1e-6)
     assert [m["lr"] for m in resumed.history] == [m["lr"] for m in uninterrupted.history]
     assert [m["epoch"] for m in resumed.history] == [0, 1, 2, 3]
-    assert_same_weights(resumed.model.state_dict(), uninterrupted.model.state_dict(), atol=1e-6)
+    assert_same_weights(resumed.network.state_dict(), uninterrupted.network.state_dict(), atol=1e-6)
     assert_same_evaluation(resumed.history[-1], uninterrupted.history[-1])
 
 
@@ -289,7 +290,7 @@ def test_ray_rerun_with_same_name_resumes_at_next_epoch(ray_cluster: str, demo_r
     uninterrupted.fit()
     assert [m["lr"] for m in second["history"]] == [m["lr"] for m in uninterrupted.history]
     # A Ray worker runs 1 intra-op thread, this process more: same maths, different summation order.
-    assert_same_weights(second["model"], uninterrupted.model.state_dict(), atol=1e-5)
+    assert_same_weights(second["model"], uninterrupted.network.state_dict(), atol=1e-5)
 
 
 # --- resource sizing ------------------------------------------------------------------------------
@@ -312,3 +313,21 @@ def test_unschedulable_requests_are_refused_before_starting(ray_cluster: str, de
     assert time.monotonic() - started < 5
     assert not (demo_root / "ray" / "too-big").exists()  # nothing was started or written
     assert not own_train_workers()
+
+
+def test_global_batch_that_does_not_split_is_refused_before_starting(ray_cluster: str, demo_root: Path) -> None:
+    # Refused inside every worker, the batch used to cost max_failures restarts (38 s here) and a traceback.
+    started = time.monotonic()
+    with pytest.raises(ResourceError, match="global batch size 32 does not split evenly over 3 workers.*30 or 33"):
+        run_training(tiny_config(demo_root, batch_size=32), WorkerResources(workers=3), storage=demo_root / "ray",
+                     name="uneven-batch")
+    assert time.monotonic() - started < 5
+    assert not (demo_root / "ray" / "uneven-batch").exists()
+    cli = subprocess.run(
+        [sys.executable, "-m", "prado_dist.train", "--workers", "3", "--batch-size", "32", "--data",
+         str(demo_root / "demo"), "--out", str(demo_root / "uneven-cli")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    assert "error: the global batch size 32 does not split evenly over 3 workers" in cli.stderr
+    assert not (demo_root / "uneven-cli").exists()  # refused before the images are decoded

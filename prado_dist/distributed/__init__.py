@@ -3,7 +3,13 @@
 Imports the engine below it; knows nothing of Ray Tune.
 """
 
-from prado_dist.distributed.resources import ResourceError, WorkerResources, check_fits, max_concurrent_runs
+from prado_dist.distributed.resources import (
+    ResourceError,
+    WorkerResources,
+    check_fits,
+    check_global_batch,
+    max_concurrent_runs,
+)
 from prado_dist.distributed.trainer import (
     SELECTION_METRIC,
     best_checkpoint_file,
@@ -22,6 +28,7 @@ __all__ = [
     "best_checkpoint_file",
     "build_trainer",
     "check_fits",
+    "check_global_batch",
     "connect",
     "max_concurrent_runs",
     "run_training",

@@ -55,6 +55,22 @@ class WorkerResources:
         return self.workers * self.gpus_per_worker
 
 
+def check_global_batch(batch_size: int, workers: int) -> None:
+    """Raise `ResourceError` unless the global batch splits evenly over `workers`.
+
+    Without this check the engine refuses the batch inside every worker, after Ray has started them,
+    and Ray Train retries that deterministic error `max_failures` times before giving up.
+    """
+    if batch_size % workers:
+        lower, upper = batch_size // workers * workers, (batch_size // workers + 1) * workers
+        suggestion = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ResourceError(
+            f"the global batch size {batch_size} does not split evenly over {workers} workers (each worker "
+            f"trains on batch_size / workers images per step); use a multiple of {workers}, e.g. {suggestion}, "
+            "or another number of workers"
+        )
+
+
 def local_ray_init_kwargs(num_cpus: int | None = None) -> dict:
     """Arguments for starting a local Ray instance sized to this machine.
 

@@ -12,7 +12,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from prado_dist.config import TrainConfig
-from prado_dist.distributed.resources import WorkerResources, check_fits, local_ray_init_kwargs
+from prado_dist.distributed.resources import (
+    WorkerResources,
+    check_fits,
+    check_global_batch,
+    local_ray_init_kwargs,
+)
 from prado_dist.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -42,6 +47,7 @@ def build_trainer(
     (Ray also keeps the latest, to resume from). A restarted run with the same `name` and
     `storage` resumes from its latest checkpoint.
     """
+    check_global_batch(config.batch_size, resources.workers)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump_json()},

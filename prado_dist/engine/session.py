@@ -130,6 +130,11 @@ class TrainingRun:
         model = model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+            if world_size > 1:
+                # BatchNorm statistics over the whole global batch, as in one process (the report's
+                # 32 images), not over each GPU's shard. SyncBatchNorm exists for GPUs only: on the
+                # CPU every worker normalises its own shard (docs/distributed.md).
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.network = model  # the whole model: what checkpoints store and exports run
         self.image_pipeline = InputPipeline(config.flip_prob, config.pca_std, getattr(model, "pixel_mean_std", None))
         self.use_features, message = feature_cache_decision(config, model)

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prado_dist.config import ConfigError, TrainConfig
-from prado_dist.data import DataError, PreparedData, prepare_data, split_counts
+from prado_dist.data import DataError, PreparedData, split_counts
 from prado_dist.data.demo import demo_data_dir
-from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, save_checkpoint
+from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, load_data, save_checkpoint
 from prado_dist.engine.reporting import (
     confusion_table,
     epoch_line,
@@ -181,14 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args, announce_data(args.data))
         if not args.single_process:
             resources_from_args(args)  # --workers 0 and the like fail before the images are decoded
-        data = prepare_data(
-            config.data_dir,
-            config.image_size,
-            cache_dir=config.cache_dir,
-            test_fraction=config.test_fraction,
-            val_fraction=config.val_fraction,
-            split_seed=config.split_seed,
-        )
+        data = load_data(config)
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

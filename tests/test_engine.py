@@ -40,8 +40,9 @@ def test_schedule_keeps_lr_then_decays_exponentially() -> None:
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     scheduler = exponential_decay_after(optimizer, decay_start=10, decay=0.05)
     rates = []
-    for _ in range(13):
+    for _ in range(13):  # one epoch: train (optimizer steps), then step the schedule
         rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
         scheduler.step()
     assert rates[:10] == [1e-3] * 10  # the report: unchanged for epochs 0-9
     assert rates[10] == pytest.approx(1e-3 * math.exp(-0.05))

@@ -18,23 +18,10 @@ import ray.train.torch
 import torch.distributed as dist
 
 from prado_dist.config import TrainConfig
-from prado_dist.data import prepare_data
-from prado_dist.engine import TrainingRun, load_checkpoint, save_checkpoint
+from prado_dist.engine import TrainingRun, load_checkpoint, load_data, save_checkpoint
 from prado_dist.engine.reporting import epoch_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def load_training_data(config: TrainConfig):
-    """The decoded cache for `config` on this node (built once under a lock if this node lacks it)."""
-    return prepare_data(
-        config.data_dir,
-        config.image_size,
-        cache_dir=config.cache_dir,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-    )
 
 
 def _gather(value: str) -> list[str]:
@@ -61,7 +48,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     run = TrainingRun(
         config,
-        load_training_data(config),
+        load_data(config),  # this node's decoded cache, built once under a lock if missing
         rank=rank,
         world_size=context.get_world_size(),
         local_rank=context.get_local_rank(),

@@ -9,7 +9,7 @@ from prado_dist.engine.checkpoint import CheckpointError, load_checkpoint, save_
 from prado_dist.engine.loop import InputPipeline, NonFiniteLossError, evaluate, train_one_epoch
 from prado_dist.engine.metrics import Counts, metrics_from_counts
 from prado_dist.engine.schedule import exponential_decay_after
-from prado_dist.engine.session import TrainingRun, evaluate_checkpoint, resolve_device, unwrap
+from prado_dist.engine.session import TrainingRun, evaluate_checkpoint, load_data, resolve_device, unwrap
 
 __all__ = [
     "CheckpointError",
@@ -21,6 +21,7 @@ __all__ = [
     "evaluate_checkpoint",
     "exponential_decay_after",
     "load_checkpoint",
+    "load_data",
     "metrics_from_counts",
     "resolve_device",
     "save_checkpoint",

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from prado_dist.config import TrainConfig
-from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, split_counts
+from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, prepare_data, split_counts
 from prado_dist.engine.features import (
     FeatureDataset,
     FeatureHead,
@@ -39,6 +39,18 @@ from prado_dist.models import TransferModel, create_model
 
 logger = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float], "TrainingRun"], None]
+
+
+def load_data(config: TrainConfig) -> PreparedData:
+    """The decoded, split images that `config` trains on (decoded once per machine, then reused)."""
+    return prepare_data(
+        config.data_dir,
+        config.image_size,
+        cache_dir=config.cache_dir,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+    )
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

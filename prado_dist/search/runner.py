@@ -25,9 +25,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from prado_dist.config import TrainConfig
-from prado_dist.data import PreparedData, prepare_data
+from prado_dist.data import PreparedData
 from prado_dist.distributed import CHECKPOINT_FILE, WorkerResources, check_fits, max_concurrent_runs, storage_uri
-from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint
+from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, load_data
 from prado_dist.engine.export import PaintingClassifier
 from prado_dist.engine.reporting import plot_confusion, plot_trial_curves, write_confusion_csv
 from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
@@ -147,17 +147,6 @@ def check_storage_writable(path: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise SearchError(f"storage {path} is not writable: {err}; pass a writable --storage") from None
-
-
-def load_data(config) -> PreparedData:
-    return prepare_data(
-        config.data_dir,
-        config.image_size,
-        cache_dir=config.cache_dir,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-    )
 
 
 def build_tuner(

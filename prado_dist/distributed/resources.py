@@ -7,11 +7,15 @@ turns that into an immediate error that says what was asked and what exists.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 import ray
+
+logger = logging.getLogger(__name__)
+AUTOSCALING_ENV = "PRADO_DIST_AUTOSCALING"  # set on autoscaling clusters: missing nodes are added on demand
 
 
 class ResourceError(ValueError):
@@ -96,6 +100,10 @@ def check_fits(request: WorkerResources, concurrent: int = 1) -> None:
             f"{concurrent} x {request.workers} workers x {request.gpus_per_worker} GPUs = "
             f"{request.total_gpus * concurrent:g} GPUs, but the cluster has {gpus:g}"
         )
+    if problems and os.environ.get(AUTOSCALING_ENV):
+        # An autoscaling cluster (clusters/*.yaml set this) starts GPU nodes when trials ask for them.
+        logger.warning("not in the cluster yet, left to the autoscaler: %s", "; ".join(problems))
+        return
     if problems:
         raise ResourceError(
             "the requested resources can never be scheduled: "

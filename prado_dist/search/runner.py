@@ -179,7 +179,11 @@ def build_tuner(
             points_to_evaluate=[space.baseline_point()],
         )
     elif settings.algorithm == "random":
-        searcher = BasicVariantGenerator(points_to_evaluate=[space.baseline_point()], random_state=space.seed)
+        # Its own limit: it creates every trial up front, and a trial driver reserves no CPU, so
+        # without it all trials would start at once and wait for workers, each holding memory.
+        searcher = BasicVariantGenerator(
+            points_to_evaluate=[space.baseline_point()], random_state=space.seed, max_concurrent=concurrent
+        )
     else:
         raise SearchError(f"unknown search algorithm {settings.algorithm!r}; use 'tpe' or 'random'")
     scheduler = (

@@ -40,6 +40,7 @@ from prado_dist.distributed import (
     CHECKPOINT_FILE,
     ResourceError,
     WorkerResources,
+    build_trainer,
     check_fits,
     max_concurrent_runs,
     run_training,
@@ -81,8 +82,15 @@ def ray_cluster() -> Iterator[str]:
 def tiny_config(root: Path, **overrides: Any) -> TrainConfig:
     """The BN-free model without random augmentation (per-rank draws would differ), on the CPU."""
     base = TrainConfig(
-        data_dir=root / "demo", cache_dir=root / "cache", image_size=IMAGE_SIZE, model="plain_cnn",
-        epochs=1, batch_size=32, flip_prob=0.0, pca_std=0.0, device="cpu",
+        data_dir=root / "demo",
+        cache_dir=root / "cache",
+        image_size=IMAGE_SIZE,
+        model="plain_cnn",
+        epochs=1,
+        batch_size=32,
+        flip_prob=0.0,
+        pca_std=0.0,
+        device="cpu",
     )
     return base.with_overrides(overrides)
 
@@ -92,9 +100,7 @@ def final_state(result: Any) -> dict[str, Any]:
     return load_checkpoint(Path(result.checkpoint.to_directory()) / CHECKPOINT_FILE)
 
 
-def assert_same_weights(
-    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float
-) -> None:
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
         difference = (actual[name].float() - tensor.float()).abs().max().item()
@@ -149,9 +155,23 @@ def test_train_cli_with_two_workers_writes_report(demo_root: Path, tmp_path: Pat
     env.update(RAY_TMPDIR=ray_temp_dir, PRADO_DIST_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "prado_dist.train", "--model", "mobilenet", "--workers", "2",
-        "--image-size", str(IMAGE_SIZE), "--epochs", "2", "--bn-momentum", "0.3",
-        "--data", str(demo_root / "demo"), "--out", str(out),
+        sys.executable,
+        "-m",
+        "prado_dist.train",
+        "--model",
+        "mobilenet",
+        "--workers",
+        "2",
+        "--image-size",
+        str(IMAGE_SIZE),
+        "--epochs",
+        "2",
+        "--bn-momentum",
+        "0.3",
+        "--data",
+        str(demo_root / "demo"),
+        "--out",
+        str(out),
     ]
     try:
         finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
@@ -185,8 +205,9 @@ def test_two_workers_match_one_process(ray_cluster: str, demo_root: Path, demo_d
 
     single.fit(keep_weights)
 
-    result = run_training(config, WorkerResources(workers=2), storage=demo_root / "ray", name="two-workers",
-                          max_failures=0)
+    result = run_training(
+        config, WorkerResources(workers=2), storage=demo_root / "ray", name="two-workers", max_failures=0
+    )
     assert result.error is None
     states = {}
     for checkpoint, _ in result.best_checkpoints:  # keep_checkpoints=2: both epochs are kept
@@ -251,8 +272,9 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_cluster: str, demo_r
 # --- resuming continues the schedule ---------------------------------------------------------------
 
 
-def test_resumed_engine_run_continues_schedule_and_weights(demo_root: Path, demo_data: PreparedData,
-                                                           tmp_path: Path) -> None:
+def test_resumed_engine_run_continues_schedule_and_weights(
+    demo_root: Path, demo_data: PreparedData, tmp_path: Path
+) -> None:
     # Augmentation on: its draws are seeded per epoch, so a resumed run repeats them exactly.
     config = tiny_config(demo_root, epochs=4, decay_start=1, decay=0.5, flip_prob=0.5, pca_std=0.1)
     uninterrupted = TrainingRun(config, demo_data)
@@ -275,12 +297,14 @@ def test_resumed_engine_run_continues_schedule_and_weights(demo_root: Path, demo
     assert_same_evaluation(resumed.history[-1], uninterrupted.history[-1])
 
 
-def test_ray_rerun_with_same_name_resumes_at_next_epoch(ray_cluster: str, demo_root: Path,
-                                                        demo_data: PreparedData) -> None:
+def test_ray_rerun_with_same_name_resumes_at_next_epoch(
+    ray_cluster: str, demo_root: Path, demo_data: PreparedData
+) -> None:
     config = tiny_config(demo_root, epochs=4, decay_start=1, decay=0.5, flip_prob=0.5, pca_std=0.1)
     storage, name = demo_root / "ray", "rerun"
-    first = final_state(run_training(config.with_overrides({"epochs": 2}), WorkerResources(workers=1),
-                                     storage=storage, name=name))
+    first = final_state(
+        run_training(config.with_overrides({"epochs": 2}), WorkerResources(workers=1), storage=storage, name=name)
+    )
     second = final_state(run_training(config, WorkerResources(workers=1), storage=storage, name=name))
 
     assert [int(m["epoch"]) for m in second["history"]] == [0, 1, 2, 3]
@@ -308,8 +332,7 @@ def test_unschedulable_requests_are_refused_before_starting(ray_cluster: str, de
 
     started = time.monotonic()
     with pytest.raises(ResourceError, match="can never be scheduled"):
-        run_training(tiny_config(demo_root), WorkerResources(workers=5), storage=demo_root / "ray",
-                     name="too-big")
+        run_training(tiny_config(demo_root), WorkerResources(workers=5), storage=demo_root / "ray", name="too-big")
     assert time.monotonic() - started < 5
     assert not (demo_root / "ray" / "too-big").exists()  # nothing was started or written
     assert not own_train_workers()
@@ -319,15 +342,53 @@ def test_global_batch_that_does_not_split_is_refused_before_starting(ray_cluster
     # Refused inside every worker, the batch used to cost max_failures restarts (38 s here) and a traceback.
     started = time.monotonic()
     with pytest.raises(ResourceError, match="global batch size 32 does not split evenly over 3 workers.*30 or 33"):
-        run_training(tiny_config(demo_root, batch_size=32), WorkerResources(workers=3), storage=demo_root / "ray",
-                     name="uneven-batch")
+        run_training(
+            tiny_config(demo_root, batch_size=32),
+            WorkerResources(workers=3),
+            storage=demo_root / "ray",
+            name="uneven-batch",
+        )
     assert time.monotonic() - started < 5
     assert not (demo_root / "ray" / "uneven-batch").exists()
     cli = subprocess.run(
-        [sys.executable, "-m", "prado_dist.train", "--workers", "3", "--batch-size", "32", "--data",
-         str(demo_root / "demo"), "--out", str(demo_root / "uneven-cli")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "prado_dist.train",
+            "--workers",
+            "3",
+            "--batch-size",
+            "32",
+            "--data",
+            str(demo_root / "demo"),
+            "--out",
+            str(demo_root / "uneven-cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert cli.returncode == 2, cli.stderr[-2000:]
     assert "error: the global batch size 32 does not split evenly over 3 workers" in cli.stderr
     assert not (demo_root / "uneven-cli").exists()  # refused before the images are decoded
+
+
+def test_rerun_of_a_finished_run_reports_its_final_metrics(ray_cluster: str, demo_root: Path, tmp_path: Path) -> None:
+    """A Tune trial whose driver was killed after its Train run finished reruns that run on resume.
+    With nothing left to train, the run must still report its final epoch: Tune only sees what is
+    reported in this session (TuneReportCallback), and a trial without its metric fails the search."""
+    import ray.train
+
+    reports = tmp_path / "reports.jsonl"
+
+    class RecordReports(ray.train.UserCallback):  # defined here: pickled by value to the controller
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with open(reports, "a") as file:
+                file.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, int | float)}) + "\n")
+
+    config = tiny_config(demo_root, epochs=1)
+    for _ in range(2):
+        build_trainer(config, WorkerResources(), storage=tmp_path, name="finished", callbacks=[RecordReports()]).fit()
+    first, *again = reports.read_text().splitlines()
+    assert len(again) == 1, again  # reported once more, without training again
+    assert json.loads(again[0])["epochs_completed"] == 1

@@ -80,4 +80,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 {**metrics, "node_ids": node_ids, "placement_group_id": placement_group_id}, checkpoint=reported
             )
 
+    if run.history and run.start_epoch >= config.epochs:
+        # Restored after its last epoch (the run had finished when its driver was killed): report
+        # the final epoch again so that whoever waits for this run (a Tune trial) gets its metrics.
+        ray.train.report({**run.history[-1], "node_ids": node_ids, "placement_group_id": placement_group_id})
+        return
     run.fit(on_epoch_end=report)

@@ -352,7 +352,7 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
         epochs = max((int(row[EPOCHS_COMPLETED]) for row in rows), default=0)
         best_row = max(rows, key=lambda row: sign * row[space.metric], default=None)
         trials[trial_id] = {
-            "config": dict(result.config),
+            "config": dict(result.config or {}),  # None for a trial a search-wide stop never started
             "status": "error" if result.error else "ok",
             "error": _error_line(result.error),
             "epochs": epochs,

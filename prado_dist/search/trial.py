@@ -86,6 +86,10 @@ class PlacementGroupReleaser(tune.Callback):
         self._release(trial)
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        # Trials ended without a completion event (e.g. a search-wide stop) still hold theirs.
+        for group_id in self._placement_groups.values():
+            release_placement_group(group_id)
+        self._placement_groups.clear()
         stop_orphaned_cleaners(every_one=True)  # every trial actor is stopped by now
 
     def _release(self, trial: Trial) -> None:

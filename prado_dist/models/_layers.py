@@ -145,9 +145,7 @@ class Conv2dSame(nn.Conv2d):
     kernels larger than 1 pad explicitly in `forward` (asymmetric, depends on the input size).
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
         self.pad_in_forward = stride > 1 and kernel_size > 1
         padding = 0 if self.pad_in_forward else (kernel_size - 1) // 2
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=True)
@@ -188,3 +186,28 @@ class ConvBnAct(nn.Sequential):
         if act_layer is not None:
             layers.append(act_layer())
         super().__init__(*layers)
+
+
+class GlobalPoolHead(nn.Module):
+    """The timm-style head interface of the models ending in global pooling -> dropout -> Dense.
+
+    Subclasses build `global_pool`, `head_drop`, `classifier` and `num_features`, and define
+    `forward_features`; `classifier_init` is the Keras initialiser of their output layer.
+    """
+
+    classifier_init = "he_normal"
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, output_bias: Sequence[float] | None = None) -> None:
+        check_num_classes(num_classes)
+        self.num_classes = num_classes
+        self.classifier = make_classifier(self.num_features, num_classes, output_bias, init=self.classifier_init)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

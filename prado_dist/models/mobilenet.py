@@ -22,6 +22,7 @@ from torch import nn
 
 from prado_dist.models._layers import (
     ConvBnAct,
+    GlobalPoolHead,
     check_num_classes,
     glorot_uniform_,
     init_he_normal_,
@@ -76,7 +77,7 @@ class InvertedResidual(nn.Module):
 # --- model ------------------------------------------------------------------------------------------
 
 
-class MobileNet(nn.Module):
+class MobileNet(GlobalPoolHead):
     """Stem 3x3/2 conv -> inverted-residual blocks -> 1x1 conv 160 -> GAP -> Dense."""
 
     pixel_mean_std = None  # input preprocessing is per-image standardisation (applied by the engine)
@@ -110,23 +111,8 @@ class MobileNet(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         self.classifier = make_classifier(HEAD_CHANNELS, num_classes, output_bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, output_bias: Sequence[float] | None = None) -> None:
-        check_num_classes(num_classes)
-        self.num_classes = num_classes
-        self.classifier = make_classifier(self.num_features, num_classes, output_bias)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_head(self.blocks(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # --- registered constructors ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from prado_dist.models._layers import check_num_classes, init_he_normal_, make_classifier
+from prado_dist.models._layers import GlobalPoolHead, check_num_classes, init_he_normal_, make_classifier
 from prado_dist.models._registry import register_model
 
 # (output channels, stride) of each 3x3 conv + ReLU, in order.
@@ -25,7 +25,7 @@ PLAIN_LAYERS: list[tuple[int, int]] = [(16, 2), (32, 2), (64, 2)]
 # --- model ------------------------------------------------------------------------------------------
 
 
-class PlainCNN(nn.Module):
+class PlainCNN(GlobalPoolHead):
     """3x3 conv -> ReLU layers (no BatchNorm) -> global average pool -> dropout -> Dense."""
 
     pixel_mean_std = None  # input preprocessing is per-image standardisation (applied by the engine)
@@ -56,23 +56,8 @@ class PlainCNN(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         self.classifier = make_classifier(channels, num_classes, output_bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, output_bias: Sequence[float] | None = None) -> None:
-        check_num_classes(num_classes)
-        self.num_classes = num_classes
-        self.classifier = make_classifier(self.num_features, num_classes, output_bias)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # --- registered constructors ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch import nn
 
 from prado_dist.models._layers import (
     ConvBnAct,
+    GlobalPoolHead,
     MaxPool2dSame,
     batch_norm_2d,
     check_num_classes,
@@ -58,9 +59,7 @@ class Bottleneck(nn.Module):
         self.conv2 = ConvBnAct(filters, filters, 3)
         # The notebook applies ReLU here, before the add ("ReLU3_{stage}"), unlike He et al. (2016).
         self.conv3 = ConvBnAct(filters, out_channels, 1)
-        self.shortcut = (
-            ConvBnAct(in_channels, out_channels, 1, stride, act_layer=None) if projection else nn.Identity()
-        )
+        self.shortcut = ConvBnAct(in_channels, out_channels, 1, stride, act_layer=None) if projection else nn.Identity()
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,10 +69,11 @@ class Bottleneck(nn.Module):
 # --- model ------------------------------------------------------------------------------------------
 
 
-class ResNet29(nn.Module):
+class ResNet29(GlobalPoolHead):
     """Stem (zero-pad 3, 7x7/2 conv, BN, ReLU, 3x3/2 "same" max pool) -> bottleneck stages -> GAP -> Dense."""
 
     pixel_mean_std = None  # input preprocessing is per-image standardisation (applied by the engine)
+    classifier_init = "glorot_uniform"  # the report's ResNet29 output layer keeps Keras' default
 
     def __init__(
         self,
@@ -113,23 +113,8 @@ class ResNet29(nn.Module):
         # The notebook's output Dense sets no kernel_initializer here: Keras' default Glorot uniform.
         self.classifier = make_classifier(channels, num_classes, output_bias, init="glorot_uniform")
 
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, output_bias: Sequence[float] | None = None) -> None:
-        check_num_classes(num_classes)
-        self.num_classes = num_classes
-        self.classifier = make_classifier(self.num_features, num_classes, output_bias, init="glorot_uniform")
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # --- registered constructors ------------------------------------------------------------------------

@@ -320,6 +320,22 @@ def test_ray_rerun_with_same_name_resumes_at_next_epoch(
 # --- resource sizing ------------------------------------------------------------------------------
 
 
+def test_autoscaling_cluster_leaves_missing_nodes_to_the_autoscaler(monkeypatch, caplog) -> None:
+    # GPU nodes of clusters/*.yaml start at 0: the first search would be refused without this.
+    from prado_dist.distributed import resources
+
+    monkeypatch.setattr(resources.ray, "cluster_resources", lambda: {"CPU": 4.0})  # a head node alone
+    gpu_trial = WorkerResources(workers=1, gpus_per_worker=1)
+    with pytest.raises(ResourceError, match="can never be scheduled"):
+        check_fits(gpu_trial, concurrent=4)
+    monkeypatch.setenv(resources.AUTOSCALING_ENV, "1")
+    with caplog.at_level("WARNING", logger=resources.__name__):
+        check_fits(gpu_trial, concurrent=4)
+        assert max_concurrent_runs(gpu_trial) == 1
+    assert "left to the autoscaler: 4 x 1 workers x 1 GPUs = 4 GPUs, but the cluster has 0" in caplog.text
+    assert "pass --max-concurrent K" in caplog.text
+
+
 def test_unschedulable_requests_are_refused_before_starting(ray_cluster: str, demo_root: Path) -> None:
     with pytest.raises(ResourceError, match=r"3 workers x 2(\.0)? CPUs = 6 CPUs, but the cluster has 4"):
         check_fits(WorkerResources(workers=3, cpus_per_worker=2))

@@ -37,7 +37,7 @@ from prado_dist.engine.checkpoint import load_checkpoint, save_checkpoint
 from prado_dist.search import SearchSettings, load_space, prepare_search, run_search
 from prado_dist.search import runner as runner_module
 from prado_dist.search.runner import STATE_FILE, leftover_resources, locate
-from prado_dist.search.tracking import SearchTracker, connect
+from prado_dist.search.tracking import EndedTrial, SearchTracker, connect
 from prado_dist.train import main as train_main
 from prado_dist.tune import main as tune_main
 from tests.conftest import free_port, local_ray
@@ -215,6 +215,25 @@ def test_failed_start_does_not_hide_the_search_to_resume(
     assert code == 2 and len(list((tmp_path / "runs").iterdir())) == 2  # the failed start's empty folder
     settings = SearchSettings(load_space("demo"), small_demo, storage=str(tmp_path / "runs"), resume=True)
     assert locate(settings).name == earlier.name
+
+
+def test_reusing_a_search_name_without_resume_is_refused(
+    small_demo: Path, tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    earlier = tmp_path / "runs" / "mine"
+    earlier.mkdir(parents=True)
+    (earlier / "tuner.pkl").write_bytes(b"")  # an earlier search Tune could restore
+    code, err = run_tune(search_args(small_demo, tmp_path, mlflow_uri, "--name", "mine"), capsys)
+    assert code == 2
+    assert "a search named 'mine' already exists" in err and "--resume" in err
+    assert sorted(path.name for path in earlier.iterdir()) == ["tuner.pkl"]  # nothing written into it
+    assert not ray.is_initialized()
+    # Continuing it is what --resume is for; an empty folder (a start that failed early) is reused.
+    assert locate(SearchSettings(load_space("demo"), small_demo, storage=str(tmp_path / "runs"), name="mine",
+                                 resume=True)).name == "mine"  # fmt: skip
+    (tmp_path / "runs" / "empty").mkdir()
+    assert locate(SearchSettings(load_space("demo"), small_demo, storage=str(tmp_path / "runs"),
+                                 name="empty")).name == "empty"  # fmt: skip
 
 
 # --- the train CLI ---------------------------------------------------------------------------------
@@ -475,6 +494,38 @@ def test_mlflow_that_never_returns_lists_exactly_what_is_missing(
     resumed.on_trial_start(0, [], trial("t3"))
     resumed.records.close()
     assert len(pending.read_text().splitlines()) == 4
+
+
+def test_records_a_killed_driver_never_wrote_are_repaired_from_tune_results(tmp_path: Path, mlflow_uri: str) -> None:
+    tracker, flaky, client, parent = flaky_tracker(tmp_path, mlflow_uri, "killed")
+    tracker.on_trial_start(0, [], trial("t1"))
+    tracker.on_trial_result(1, [], trial("t1"), result(1))
+    flaky.down = True
+    tracker.on_trial_result(2, [], trial("t1"), result(2))  # held in memory when the driver is SIGKILLed
+    # The resumed driver: a new tracker, MLflow back; t1 finished while the driver was gone, t2 ran only
+    # after the resume and failed, t3 was never seen by MLflow at all.
+    resumed, _, _, _ = flaky_tracker(tmp_path, mlflow_uri, "killed")
+    resumed.parent_run_id = parent
+    ended = [
+        EndedTrial("t1", trial("t1").config, [result(1), result(2)]),
+        EndedTrial("t2", trial("t2").config, [result(1)], error="NonFiniteLossError: training loss became nan"),
+        EndedTrial("t3", trial("t3").config, [result(1), result(2)]),
+    ]
+    assert [resumed.reconcile(t, "val_balanced_accuracy") for t in ended] == [1, 1, 2]
+    assert [resumed.reconcile(t, "val_balanced_accuracy") for t in ended] == [0, 0, 0]  # nothing twice
+
+    children = {
+        run.data.tags["trial_id"]: run
+        for run in client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    }
+    assert sorted(children) == ["t1", "t2", "t3"]
+    for trial_id, run in children.items():
+        history = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+        assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)][: len(ended[int(trial_id[1]) - 1].rows)]
+        assert run.data.params == {"lr": "0.001", "decay": "0.05"}
+    assert children["t1"].info.status == "FINISHED" and children["t1"].data.tags["stopped_early"] == "false"
+    assert children["t2"].info.status == "FAILED" and "became nan" in children["t2"].data.tags["error"]
+    assert children["t2"].data.tags["epochs_completed"] == "1"
 
 
 # --- two searches at once ------------------------------------------------------------------------------

@@ -97,6 +97,75 @@ def test_search_on_two_cpus_records_everything_in_mlflow(small_demo: Path, mlflo
     assert any(m["info"].get("source_run_id") == outcome.parent_run_id for m in models)
 
 
+def test_placement_groups_whose_creator_died_are_released() -> None:
+    # What a Train controller killed with its trial leaves: Ray removes a placement group only when its
+    # creator actor *and* job are dead, and one still pending is created after the creator died.
+    import ray
+    from ray.util import placement_group, placement_group_table
+
+    from prado_dist.search.trial import _job_placement_groups, release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self, cpus: float, wait: bool) -> str:
+            group = placement_group([{"CPU": cpus}])
+            if wait:
+                ray.get(group.ready(), timeout=60)
+            return group.id.hex()
+
+    def state(group_id: str) -> str:
+        return placement_group_table()[group_id]["state"]
+
+    with local_ray(num_cpus=2):
+        doomed, survivor = Controller.remote(), Controller.remote()
+        orphan = ray.get(doomed.reserve.remote(0.5, wait=True))
+        kept = ray.get(survivor.reserve.remote(0.5, wait=True))
+        own = placement_group([{"CPU": 0.5}])  # the driver's, like Tune's trial groups
+        ray.get(own.ready(), timeout=60)
+        pending = ray.get(doomed.reserve.remote(1.5, wait=False))  # does not fit (yet)
+        ray.kill(doomed)
+        deadline = time.monotonic() + 30
+        while not all(dead for _, dead in (_job_placement_groups()[g] for g in (orphan, pending))):
+            assert time.monotonic() < deadline, "the killed creator was never marked dead"
+            time.sleep(0.2)
+        assert state(orphan) == "CREATED" and state(pending) == "PENDING"  # Ray keeps them
+
+        assert release_orphaned_placement_groups() == 2
+        assert (state(orphan), state(pending), state(kept), state(own.id.hex())) == (
+            "REMOVED", "REMOVED", "CREATED", "CREATED",
+        )  # fmt: skip
+        deadline = time.monotonic() + 30  # the raylet returns the bundles' CPUs asynchronously
+        while ray.available_resources().get("CPU", 0.0) < 1.0 - 1e-9 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU") == pytest.approx(1.0)  # the orphan's 0.5 is back
+        assert release_orphaned_placement_groups() == 0
+
+
+def test_search_stopped_by_its_epoch_budget_leaves_nothing_for_the_next(small_demo: Path, tmp_path: Path) -> None:
+    # The benchmark's path: random search without early stopping, ended mid-flight by the budget while
+    # trials are still starting; the next search on the same Ray instance must get the CPUs.
+    space = load_space("demo", {**DEMO_OVERRIDES, "num_samples": 6, "epochs": 2})
+    budget = SearchSettings(
+        space=space, data_dir=small_demo, storage=str(tmp_path / "runs"), name="budget",
+        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", algorithm="random", early_stopping=False, epoch_budget=3,
+    )  # fmt: skip
+    with local_ray(num_cpus=2):
+        stopped = run_search(budget)
+        after_stop = leftover_resources()
+        # Checked before the next search: with a group left reserved it would wait forever.
+        assert after_stop["placement_groups"] == [] and after_stop["available"].get("CPU") == pytest.approx(2.0)
+        following = SearchSettings(
+            space=load_space("demo", {**DEMO_OVERRIDES, "num_samples": 1, "epochs": 1}), data_dir=small_demo,
+            storage=str(tmp_path / "runs"), name="following", mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        )  # fmt: skip
+        second = run_search(following)
+        after_second = leftover_resources()
+    epochs = sum(trial["epochs"] for trial in stopped.trials.values())
+    assert 3 <= epochs < 6 * 2  # stopped by the budget (a running trial may finish its epoch)
+    assert [trial["epochs"] for trial in second.trials.values()] == [1]
+    assert after_second["placement_groups"] == []
+
+
 def tune_command(storage: Path, db: Path, *extra: str) -> list[str]:
     overrides = [f"--set={key}={value}" for key, value in DEMO_OVERRIDES.items() if key != "num_samples"]
     return [
@@ -185,6 +254,17 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(small_demo: Pa
             "select count(*) from runs where run_uuid not in (select run_uuid from tags where key='mlflow.parentRunId')"
         ).fetchone()[0]
         trial_runs = connection.execute("select value from tags where key = 'trial_id'").fetchall()
+        logged_epochs = {
+            trial_id: {step for (step,) in connection.execute(
+                "select distinct m.step from metrics m join tags t on t.run_uuid = m.run_uuid "
+                "where t.key = 'trial_id' and t.value = ? and m.key = 'val_balanced_accuracy'", (trial_id,)
+            )}
+            for trial_id in summary["trials"]
+        }  # fmt: skip
+    # Every epoch Tune recorded is in MLflow too, also those of the trial the kill interrupted.
+    assert logged_epochs == {
+        trial_id: {epoch for epoch, _ in trial["curve"]} for trial_id, trial in summary["trials"].items()
+    }
     assert parents == 1  # the parent run was continued, not duplicated
     assert len(trial_runs) == len({value for (value,) in trial_runs}) == 4
     assert done_before >= 2 and finished_children(db) == 4

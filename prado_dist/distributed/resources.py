@@ -118,4 +118,12 @@ def max_concurrent_runs(request: WorkerResources) -> int:
     limits = [math.floor(available.get("CPU", 0.0) / request.total_cpus + 1e-9)]
     if request.use_gpu:
         limits.append(math.floor(available.get("GPU", 0.0) / request.total_gpus + 1e-9))
-    return max(1, min(limits))
+    concurrent = max(1, min(limits))
+    if os.environ.get(AUTOSCALING_ENV):
+        # Only the nodes up now are counted; nodes the autoscaler would add for more trials are not.
+        logger.warning(
+            "autoscaling cluster: %d run(s) at once fit the nodes running now; pass --max-concurrent K "
+            "to let the autoscaler add nodes for K",
+            concurrent,
+        )
+    return concurrent

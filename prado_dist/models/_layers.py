@@ -197,6 +197,12 @@ class GlobalPoolHead(nn.Module):
 
     classifier_init = "he_normal"
 
+    def __init__(self, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        self.num_classes = num_classes
+        self.image_size = image_size  # informational: global pooling makes the weights size-independent
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 

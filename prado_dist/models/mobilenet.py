@@ -23,7 +23,6 @@ from torch import nn
 from prado_dist.models._layers import (
     ConvBnAct,
     GlobalPoolHead,
-    check_num_classes,
     glorot_uniform_,
     init_he_normal_,
     make_classifier,
@@ -91,10 +90,7 @@ class MobileNet(GlobalPoolHead):
         dropout: float = 0.0,
         in_channels: int = 3,
     ) -> None:
-        super().__init__()
-        check_num_classes(num_classes)
-        self.num_classes = num_classes
-        self.image_size = image_size  # informational: global pooling makes the weights size-independent
+        super().__init__(num_classes, image_size)
 
         # "same" padding: the report's table gives 112x112 after this stride-2 conv (Keras pads (0, 1)).
         self.stem = ConvBnAct(in_channels, STEM_CHANNELS, 3, stride=2)

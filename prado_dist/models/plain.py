@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from prado_dist.models._layers import GlobalPoolHead, check_num_classes, init_he_normal_, make_classifier
+from prado_dist.models._layers import GlobalPoolHead, init_he_normal_, make_classifier
 from prado_dist.models._registry import register_model
 
 # (output channels, stride) of each 3x3 conv + ReLU, in order.
@@ -39,10 +39,7 @@ class PlainCNN(GlobalPoolHead):
         dropout: float = 0.0,
         in_channels: int = 3,
     ) -> None:
-        super().__init__()
-        check_num_classes(num_classes)
-        self.num_classes = num_classes
-        self.image_size = image_size  # informational: global pooling makes the weights size-independent
+        super().__init__(num_classes, image_size)
         modules: list[nn.Module] = []
         channels = in_channels
         for out_channels, stride in layers:

@@ -24,7 +24,6 @@ from prado_dist.models._layers import (
     GlobalPoolHead,
     MaxPool2dSame,
     batch_norm_2d,
-    check_num_classes,
     init_he_normal_,
     make_classifier,
 )
@@ -84,10 +83,7 @@ class ResNet29(GlobalPoolHead):
         dropout: float = 0.0,
         in_channels: int = 3,
     ) -> None:
-        super().__init__()
-        check_num_classes(num_classes)
-        self.num_classes = num_classes
-        self.image_size = image_size  # informational: global pooling makes the weights size-independent
+        super().__init__(num_classes, image_size)
 
         stem_conv = nn.Conv2d(in_channels, STEM_CHANNELS, kernel_size=7, stride=2, padding=0)
         init_he_normal_(stem_conv)

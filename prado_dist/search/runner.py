@@ -32,7 +32,7 @@ from prado_dist.engine.export import PaintingClassifier
 from prado_dist.engine.reporting import plot_confusion, plot_trial_curves, write_confusion_csv
 from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
 from prado_dist.search.space import SearchSpace
-from prado_dist.search.tracking import SearchTracker, connect, git_commit
+from prado_dist.search.tracking import EndedTrial, SearchTracker, connect, git_commit
 from prado_dist.search.trial import (
     TRIAL_DRIVER_RESOURCES,
     PlacementGroupReleaser,
@@ -100,6 +100,8 @@ def locate(settings: SearchSettings) -> SearchLocation:
     remote = "://" in root
     if settings.name:
         name = settings.name
+        if not settings.resume:
+            refuse_existing_search(root, name, remote)
     elif settings.resume:
         if remote:
             raise SearchError("--resume with a remote --storage needs --name (the search to continue)")
@@ -119,6 +121,18 @@ def locate(settings: SearchSettings) -> SearchLocation:
     # With remote storage the driver keeps its own records (MLflow state, summary) under ./runs.
     local = Path("runs").resolve() / name if remote else Path(uri)
     return SearchLocation(uri, local)
+
+
+def refuse_existing_search(root: str, name: str, remote: bool) -> None:
+    """A new search must not write into an earlier one's folder: Tune would mix both experiments'
+    state and the MLflow parent run would no longer match the trials under it."""
+    uri = f"{root.rstrip('/')}/{name}"
+    folder = Path(uri)
+    if tune.Tuner.can_restore(uri) or (not remote and folder.is_dir() and any(folder.iterdir())):
+        raise SearchError(
+            f"a search named {name!r} already exists in {root}; pass --resume to continue it, "
+            "or another --name (or none: a new SPACE-TIME name is chosen)"
+        )
 
 
 def claim_new_folder(parent: Path, base: str) -> str:
@@ -318,6 +332,7 @@ def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
                 prepared.client.set_terminated(prepared.parent_run_id, status="FAILED")
             raise
         results = tuner.fit()
+        repair_mlflow_records(prepared.tracker, results, space.metric)
         outcome = summarise(results, space, prepared.data, location.local, prepared.parent_run_id)
         log_outcome(prepared.client, outcome, prepared.data, location.local, space)
     finally:
@@ -334,6 +349,25 @@ def _error_line(error: BaseException | None) -> str | None:
     while error.__cause__ is not None:
         error = error.__cause__
     return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:500]
+
+
+def repair_mlflow_records(tracker: SearchTracker, results, metric: str) -> None:
+    """Fill what MLflow lacks from Tune's results (records a killed driver never wrote, trials that
+    ended while it was gone); if MLflow is still unreachable, the search goes on without."""
+    tracker.records.flush()
+    added = 0
+    try:
+        for result in results:
+            if result.config is None:  # never started: a search-wide stop came first
+                continue
+            trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+            ended = EndedTrial(trial_id, dict(result.config), trial_history(result), _error_line(result.error))
+            added += tracker.reconcile(ended, metric)
+    except Exception as err:
+        logger.warning("could not check the trials' MLflow records against Tune's results (%s)", err)
+        return
+    if added:
+        logger.warning("%d epochs missing from MLflow were written from Tune's results", added)
 
 
 def trial_history(result) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,11 +187,14 @@ class SearchTracker(tune.Callback):
         self.client = MlflowClient(tracking_uri=self.uri)
         self.records = RecordQueue(self.pending_file)
 
-    def child_run(self, trial: Trial) -> str | None:
+    def child_run(self, trial: Trial) -> str:
+        return self._child_run(trial.trial_id, trial.config)
+
+    def _child_run(self, trial_id: str, config: dict[str, Any]) -> str:
         """The trial's child run, created once (also across a resumed search: found by its tag)."""
-        if trial.trial_id in self.child_runs:
-            return self.child_runs[trial.trial_id]
-        query = f"tags.trial_id = '{trial.trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'"
+        if trial_id in self.child_runs:
+            return self.child_runs[trial_id]
+        query = f"tags.trial_id = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'"
         existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         if existing:
             run_id = existing[0].info.run_id
@@ -198,15 +202,15 @@ class SearchTracker(tune.Callback):
             tags = {
                 **self.tags,
                 MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-                "trial_id": trial.trial_id,
-                MLFLOW_RUN_NAME: f"trial-{trial.trial_id}",
+                "trial_id": trial_id,
+                MLFLOW_RUN_NAME: f"trial-{trial_id}",
             }
             run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         # Also when the run was found: a retried write may have created it and then failed before
         # logging the params (logging the same values again is allowed).
-        params = [Param(key, str(value)) for key, value in sorted(trial.config.items())]
+        params = [Param(key, str(value)) for key, value in sorted(config.items())]
         self.client.log_batch(run_id, params=params)
-        self.child_runs[trial.trial_id] = run_id
+        self.child_runs[trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -225,14 +229,17 @@ class SearchTracker(tune.Callback):
 
         self.records.submit(f"epoch {epoch} metrics of trial {trial.trial_id}", write)
 
-    def _finish(self, trial: Trial, status: str, error: str | None = None) -> None:
-        epochs = self.last_epoch.get(trial.trial_id, 0)
+    def _end_tags(self, epochs: int, status: str, error: str | None) -> list[RunTag]:
         tags = [
             RunTag("epochs_completed", str(epochs)),
             RunTag("stopped_early", str(status == "FINISHED" and epochs < self.max_epochs).lower()),
         ]
         if error:
             tags.append(RunTag("error", error[:4000]))
+        return tags
+
+    def _finish(self, trial: Trial, status: str, error: str | None = None) -> None:
+        tags = self._end_tags(self.last_epoch.get(trial.trial_id, 0), status, error)
 
         def write() -> None:
             run_id = self.child_run(trial)
@@ -250,6 +257,37 @@ class SearchTracker(tune.Callback):
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.records.flush()
+
+    def reconcile(self, trial: EndedTrial, metric: str) -> int:
+        """Write what MLflow lacks of an ended trial, from Tune's own results; returns the epochs added.
+
+        The callbacks write as results arrive, but a driver killed while MLflow was down loses the
+        records it still held, and a trial can end while the driver is gone. Tune's result files have
+        them all, so a finished (or resumed and finished) search repairs its MLflow records here.
+        """
+        run_id = self._child_run(trial.trial_id, trial.config)
+        logged = {point.step for point in self.client.get_metric_history(run_id, metric)}
+        missing = [row for row in trial.rows if metric in row and int(row["epochs_completed"]) not in logged]
+        for row in missing:
+            stamp, epoch = int(row.get("timestamp", 0) * 1000), int(row["epochs_completed"])
+            batch = [Metric(key, value, stamp, epoch) for key, value in numeric_metrics(row).items()]
+            self.client.log_batch(run_id, metrics=batch)
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            epochs = max((int(row["epochs_completed"]) for row in trial.rows), default=0)
+            status = "FAILED" if trial.error else "FINISHED"
+            self.client.log_batch(run_id, tags=self._end_tags(epochs, status, trial.error))
+            self.client.set_terminated(run_id, status=status)
+        return len(missing)
+
+
+@dataclass(frozen=True)
+class EndedTrial:
+    """What Tune's results hold about one trial of a search that has ended."""
+
+    trial_id: str
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]  # one per reported epoch, as in `Result.metrics_dataframe`
+    error: str | None = None
 
 
 def _read(path: str) -> str:

@@ -15,6 +15,13 @@ Why trials hung on a 2-CPU machine (measured while building this; see README "Re
    (ray-project/ray#54305). The next trial's worker group then never starts
    (WorkerGroupStartupTimeoutError). `PlacementGroupReleaser` removes the placement group of every
    trial that ends, using the id each run reports.
+3. A trial stopped before its first report (a search-wide stop such as the epoch budget, or one
+   killed while its controller waited for resources) has reported no id, and a placement group
+   still pending when its controller died is created *afterwards*, reserved for nobody (measured:
+   two such groups held both CPUs and the next search waited forever). Ray removes a placement
+   group only when its creator actor *and* job are dead, so the job's driver must: the releaser
+   also sweeps, every few seconds, the placement groups of this job whose creator actor is dead
+   (`release_orphaned_placement_groups`, read from the GCS table, no dashboard needed).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +78,14 @@ def run_trial(
 
 
 class PlacementGroupReleaser(tune.Callback):
-    """Remove the Ray Train placement group of every trial that ends (stopped, finished or failed)."""
+    """Remove the Ray Train placement group of every trial that ends (stopped, finished or failed),
+    and every placement group of this job whose creator has died (see the module docstring)."""
+
+    SWEEP_EVERY_S = 2.0
 
     def __init__(self) -> None:
         self._placement_groups: dict[str, str] = {}
+        self._last_sweep = 0.0
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if result.get("placement_group_id"):
@@ -85,18 +97,75 @@ class PlacementGroupReleaser(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self._release(trial)
 
+    def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
+        # A killed trial's controller dies a moment after Tune reports the trial ended; sweep again later.
+        if time.monotonic() - self._last_sweep >= self.SWEEP_EVERY_S:
+            self._last_sweep = time.monotonic()
+            release_orphaned_placement_groups()
+
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
         # Trials ended without a completion event (e.g. a search-wide stop) still hold theirs.
         for group_id in self._placement_groups.values():
             release_placement_group(group_id)
         self._placement_groups.clear()
+        release_orphaned_placement_groups(wait_s=10.0)  # the last trials' controllers are being stopped
         stop_orphaned_cleaners(every_one=True)  # every trial actor is stopped by now
 
     def _release(self, trial: Trial) -> None:
         group_id = self._placement_groups.pop(trial.trial_id, None)
         if group_id:
             release_placement_group(group_id)
+        release_orphaned_placement_groups()
         stop_orphaned_cleaners()
+
+
+def release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
+    """Remove this job's placement groups whose creator actor is dead; returns how many.
+
+    With `wait_s`, first wait (up to that long) for the creator actors of the job's remaining
+    placement groups to die, e.g. the controllers of trials that Tune is stopping.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        groups = _job_placement_groups()
+        waiting_on_live_creator = any(not dead for _, dead in groups.values())
+        if not waiting_on_live_creator or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    released = sum(release_placement_group(group_id) for group_id, (_, dead) in groups.items() if dead)
+    if released:
+        logger.info("released %d placement group(s) left by trials that ended before reporting", released)
+    return released
+
+
+def _job_placement_groups() -> dict[str, tuple[str, bool]]:
+    """{group id: (creator actor id, creator dead)} of this job's live groups that an actor created.
+
+    Groups the driver created itself (Tune's trial groups) have no creator actor and are left to Tune.
+    `ray.util.placement_group_table` does not show the creator, so the GCS records are read directly.
+    """
+    from ray._private import state  # the GCS table; ray.util.state would need the dashboard
+    from ray.core.generated import gcs_pb2
+
+    try:
+        job = bytes.fromhex(ray.get_runtime_context().get_job_id())
+        records = state.state._connect_and_get_accessor().get_placement_group_table()
+    except Exception as err:  # best effort: never let clean-up fail a search
+        logger.debug("cannot read the placement group table: %s", err)
+        return {}
+    groups = {}
+    for raw in records:
+        record = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        creator = record.creator_actor_id
+        if (
+            record.state == gcs_pb2.PlacementGroupTableData.REMOVED
+            or record.is_detached
+            or record.creator_job_id != job
+            or not creator.strip(b"\xff")  # nil: created by the driver
+        ):
+            continue
+        groups[record.placement_group_id.hex()] = (creator.hex(), record.creator_actor_dead)
+    return groups
 
 
 def release_placement_group(group_id: str) -> bool:

@@ -57,3 +57,18 @@ def test_first_point_is_the_baseline() -> None:
     searcher = PruningAwareOptunaSearch(seed=0, max_epochs=4, points_to_evaluate=[{"lr": 1e-3}])
     searcher.set_search_properties("val_balanced_accuracy", "max", SPACE)
     assert searcher.suggest("first") == {"lr": 1e-3}
+
+
+def test_epoch_budget_counts_each_trained_epoch_once() -> None:
+    from prado_dist.search.runner import EpochBudget
+
+    budget = EpochBudget(5)
+    for epoch in (1, 2, 3):
+        assert budget("a", {"epochs_completed": epoch}) is False
+    # A trial function that returns normally has its last result reported again (done=True): the
+    # random-search baseline then got 20 of its 24 epochs (measured, bench/search_efficiency.py).
+    budget("a", {"epochs_completed": 3, "done": True})
+    budget("b", {"epochs_completed": 1})
+    assert budget.spent == 4 and not budget.stop_all()
+    budget("b", {"epochs_completed": 2})
+    assert budget.spent == 5 and budget.stop_all()

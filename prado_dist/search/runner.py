@@ -237,10 +237,16 @@ class EpochBudget(tune.Stopper):
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.spent = 0
+        self.epochs: set[tuple[str, int]] = set()
+
+    @property
+    def spent(self) -> int:
+        return len(self.epochs)
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        self.spent += 1  # every result is one completed epoch of one trial
+        # Counted by (trial, epoch), not by call: a trial function that returns normally (no early
+        # stopping) gets its last result reported a second time, and a restored trial repeats it too.
+        self.epochs.add((trial_id, int(result.get(EPOCHS_COMPLETED, result.get("training_iteration", 0)))))
         return False
 
     def stop_all(self) -> bool:

@@ -54,7 +54,8 @@ def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None
 
 
 def run(args: argparse.Namespace, data: Path, seed: int, algorithm: str, early_stopping: bool, root: Path):
-    overrides = {**parse_set(args.overrides), "seed": seed, "num_samples": args.budget}  # the budget ends it
+    # Each seed changes both the searcher's draws and the training runs' initialisation and augmentation.
+    overrides = {**parse_set(args.overrides), "search_seed": seed, "seed": seed, "num_samples": args.budget}
     space = load_space(args.space, overrides)
     settings = SearchSettings(
         space=space, data_dir=data, storage=str(root / "runs"), name=f"{algorithm}-{seed}",

@@ -96,6 +96,14 @@ def test_set_overrides_fixed_settings_and_space_keys(tmp_path: Path) -> None:
     assert "lr" not in space.params and space.base_config().lr == 3e-3  # --set fixes a searched value
 
 
+def test_searcher_seed_and_training_seed_are_set_apart(tmp_path: Path) -> None:
+    # One `seed` key for both once sent --set seed=N to training only: every "seed" of a benchmark
+    # then drew the same trial configurations.
+    space = load_space(write(tmp_path, GOOD), parse_set(["search_seed=5", "seed=7"]))
+    assert space.search_seed == 5 and space.base_config().seed == 7
+    assert load_space(write(tmp_path, GOOD)).search_seed == 0
+
+
 @pytest.mark.parametrize(
     ("item", "expected"), [("nonsense=1", "unknown setting"), ("epochs=many", "epochs"), ("novalue", "key=value")]
 )

@@ -187,7 +187,7 @@ def build_tuner(
         searcher = PruningAwareOptunaSearch(
             metric=space.metric,
             mode=space.mode,
-            seed=space.seed,
+            seed=space.search_seed,
             max_epochs=space.epochs,
             # The report's configuration is evaluated first: the search can only improve on it.
             points_to_evaluate=[space.baseline_point()],
@@ -196,7 +196,7 @@ def build_tuner(
         # Its own limit: it creates every trial up front, and a trial driver reserves no CPU, so
         # without it all trials would start at once and wait for workers, each holding memory.
         searcher = BasicVariantGenerator(
-            points_to_evaluate=[space.baseline_point()], random_state=space.seed, max_concurrent=concurrent
+            points_to_evaluate=[space.baseline_point()], random_state=space.search_seed, max_concurrent=concurrent
         )
     else:
         raise SearchError(f"unknown search algorithm {settings.algorithm!r}; use 'tpe' or 'random'")

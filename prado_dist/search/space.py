@@ -81,7 +81,7 @@ class SearchSpace(_Strict):
     trial: TrialResources = TrialResources()
     num_samples: int = Field(20, ge=1)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster fits
-    seed: int = 0  # Optuna's TPE sampler seed
+    search_seed: int = 0  # the searcher's (Optuna TPE's, or random search's) seed; `seed` is training's
 
     @field_validator("model")
     @classmethod

@@ -110,6 +110,9 @@ def main() -> int:
                   label="TPE + ASHA" if seed == 0 else None)
         axes.step(*zip(*random_curve, strict=True), where="post", color="tab:orange", alpha=0.8,
                   label="random, no early stopping" if seed == 0 else None)
+    settings = f", {' '.join(args.overrides)}" if args.overrides else ""
+    axes.set_title(f"space {args.space}{settings} on {data.name}: {args.seeds} seeds, {args.budget} epochs per search",
+                   fontsize=9)
     axes.set_xlabel("epochs spent (all trials)")
     axes.set_ylabel("best validation balanced accuracy so far")
     axes.legend()

@@ -82,7 +82,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if run.history and run.start_epoch >= config.epochs:
         # Restored after its last epoch (the run had finished when its driver was killed): report
-        # the final epoch again so that whoever waits for this run (a Tune trial) gets its metrics.
-        ray.train.report({**run.history[-1], "node_ids": node_ids, "placement_group_id": placement_group_id})
+        # the final epoch again so that whoever waits for this run (a Tune trial) gets its metrics,
+        # with its checkpoint, which also carries the history of the epochs reported before the kill.
+        with checkpoint.as_directory() as directory:
+            reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+            ray.train.report(
+                {**run.history[-1], "node_ids": node_ids, "placement_group_id": placement_group_id},
+                checkpoint=reported,
+            )
         return
     run.fit(on_epoch_end=report)

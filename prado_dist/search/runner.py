@@ -377,8 +377,33 @@ def repair_mlflow_records(tracker: SearchTracker, results, metric: str) -> None:
 
 
 def trial_history(result) -> list[dict[str, Any]]:
+    """One row per epoch the trial trained, in order.
+
+    Tune starts a restored trial's result files afresh: after `--resume`, a trial interrupted after
+    epoch 2 lists only epoch 3 (measured in tests/test_search.py). The earlier epochs are taken from
+    the history that the trial's Train checkpoints carry.
+    """
     frame = result.metrics_dataframe
-    return [] if frame is None else frame.to_dict("records")
+    rows = [] if frame is None else frame.to_dict("records")
+    first = min((int(row[EPOCHS_COMPLETED]) for row in rows if EPOCHS_COMPLETED in row), default=1)
+    return (_epochs_from_checkpoint(rows, before=first) + rows) if first > 1 else rows
+
+
+def _epochs_from_checkpoint(rows: list[dict[str, Any]], before: int) -> list[dict[str, Any]]:
+    """The epochs before `before` from the history in the newest checkpoint that still exists."""
+    for row in reversed(rows):
+        uri = row.get("checkpoint_path")
+        if not isinstance(uri, str):
+            continue
+        try:
+            directory = ray.train.Checkpoint(uri).to_directory()
+            history = load_checkpoint(Path(directory) / CHECKPOINT_FILE)["history"]
+        except Exception as err:  # pruned by the keep-best-N rule, or storage unreachable
+            logger.debug("checkpoint %s: %s", uri, err)
+            continue
+        return [dict(entry) for entry in history if int(entry.get(EPOCHS_COMPLETED, 0)) < before]
+    logger.warning("the epochs before %d of a resumed trial are in MLflow and its Train logs only", before)
+    return []
 
 
 def summarise(results, space: SearchSpace, data: PreparedData, path: Path, parent_id: str) -> SearchOutcome:

@@ -125,7 +125,7 @@ def test_placement_groups_whose_creator_died_are_released() -> None:
         pending = ray.get(doomed.reserve.remote(1.5, wait=False))  # does not fit (yet)
         ray.kill(doomed)
         deadline = time.monotonic() + 30
-        while not all(dead for _, dead in (_job_placement_groups()[g] for g in (orphan, pending))):
+        while not all(_job_placement_groups()[group] for group in (orphan, pending)):
             assert time.monotonic() < deadline, "the killed creator was never marked dead"
             time.sleep(0.2)
         assert state(orphan) == "CREATED" and state(pending) == "PENDING"  # Ray keeps them

@@ -366,7 +366,7 @@ def repair_mlflow_records(tracker: SearchTracker, results, metric: str) -> None:
         for result in results:
             if result.config is None:  # never started: a search-wide stop came first
                 continue
-            trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+            trial_id = result_trial_id(result)
             ended = EndedTrial(trial_id, dict(result.config), trial_history(result), _error_line(result.error))
             added += tracker.reconcile(ended, metric)
     except Exception as err:
@@ -374,6 +374,11 @@ def repair_mlflow_records(tracker: SearchTracker, results, metric: str) -> None:
         return
     if added:
         logger.warning("%d epochs missing from MLflow were written from Tune's results", added)
+
+
+def result_trial_id(result) -> str:
+    """Tune's trial id of a `Result` (the folder name for a trial that never reported)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
 def trial_history(result) -> list[dict[str, Any]]:
@@ -413,7 +418,7 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
     best: tuple[float, str, dict, Path] | None = None
     for result in results:
         rows = [row for row in trial_history(result) if space.metric in row]
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = result_trial_id(result)
         epochs = max((int(row[EPOCHS_COMPLETED]) for row in rows), default=0)
         best_row = max(rows, key=lambda row: sign * row[space.metric], default=None)
         trials[trial_id] = {

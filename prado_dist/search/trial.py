@@ -128,18 +128,18 @@ def release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
     deadline = time.monotonic() + wait_s
     while True:
         groups = _job_placement_groups()
-        waiting_on_live_creator = any(not dead for _, dead in groups.values())
+        waiting_on_live_creator = not all(groups.values())
         if not waiting_on_live_creator or time.monotonic() >= deadline:
             break
         time.sleep(0.25)
-    released = sum(release_placement_group(group_id) for group_id, (_, dead) in groups.items() if dead)
+    released = sum(release_placement_group(group_id) for group_id, dead in groups.items() if dead)
     if released:
         logger.info("released %d placement group(s) left by trials that ended before reporting", released)
     return released
 
 
-def _job_placement_groups() -> dict[str, tuple[str, bool]]:
-    """{group id: (creator actor id, creator dead)} of this job's live groups that an actor created.
+def _job_placement_groups() -> dict[str, bool]:
+    """{group id: creator actor dead} of this job's live groups that an actor created.
 
     Groups the driver created itself (Tune's trial groups) have no creator actor and are left to Tune.
     `ray.util.placement_group_table` does not show the creator, so the GCS records are read directly.
@@ -164,7 +164,7 @@ def _job_placement_groups() -> dict[str, tuple[str, bool]]:
             or not creator.strip(b"\xff")  # nil: created by the driver
         ):
             continue
-        groups[record.placement_group_id.hex()] = (creator.hex(), record.creator_actor_dead)
+        groups[record.placement_group_id.hex()] = record.creator_actor_dead
     return groups
 
 

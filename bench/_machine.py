@@ -25,10 +25,19 @@ def machine() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": platform.python_version(),
-            "load_average": os.getloadavg()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def record(extra: dict) -> dict:
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join([sys.executable, *sys.argv]),
-            "machine": machine(), **extra}
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": machine(),
+        **extra,
+    }

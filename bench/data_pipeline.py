@@ -48,9 +48,7 @@ def main() -> int:
             data = make_demo_dataset(Path(scratch) / "generated", images=600, size=256)
         figures = measure_cache(data, args.image_size, Path(scratch) / "cache", args.repeats)
     figures.update(measure_augment(args.repeats))
-    figures["cache_read_over_decode"] = round(
-        figures["cache_read_images_per_s"] / figures["decode_images_per_s"], 1
-    )
+    figures["cache_read_over_decode"] = round(figures["cache_read_images_per_s"] / figures["decode_images_per_s"], 1)
 
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

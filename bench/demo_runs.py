@@ -31,22 +31,37 @@ PAINTINGS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "paint
 
 
 def run(model: str, data_dir: Path, dataset: str, args: argparse.Namespace, image_size: int) -> dict:
-    config = TrainConfig(model=model, data_dir=data_dir, epochs=args.epochs, image_size=image_size,
-                         bn_momentum=args.bn_momentum, seed=args.seed)
+    config = TrainConfig(
+        model=model,
+        data_dir=data_dir,
+        epochs=args.epochs,
+        image_size=image_size,
+        bn_momentum=args.bn_momentum,
+        seed=args.seed,
+    )
     started = time.perf_counter()
     data = prepare_data(data_dir, image_size, cache_dir=args.cache)
     history = TrainingRun(config, data).fit()
     seconds = time.perf_counter() - started
-    entry = record({
-        "benchmark": "demo_runs", "model": model, "dataset": dataset, "image_size": image_size,
-        "epochs": args.epochs, "bn_momentum": args.bn_momentum, "wall_seconds": round(seconds, 1),
-        "val_balanced_accuracy": [round(m["val_balanced_accuracy"], 4) for m in history],
-        "val_accuracy": [round(m["val_accuracy"], 4) for m in history],
-        "train_images_per_second": [round(m["images_per_second"], 1) for m in history],
-        "chance": 1 / len(data.classes),
-    })
-    print(json.dumps({k: entry[k] for k in ("model", "dataset", "image_size", "wall_seconds",
-                                             "val_balanced_accuracy")}), flush=True)
+    entry = record(
+        {
+            "benchmark": "demo_runs",
+            "model": model,
+            "dataset": dataset,
+            "image_size": image_size,
+            "epochs": args.epochs,
+            "bn_momentum": args.bn_momentum,
+            "wall_seconds": round(seconds, 1),
+            "val_balanced_accuracy": [round(m["val_balanced_accuracy"], 4) for m in history],
+            "val_accuracy": [round(m["val_accuracy"], 4) for m in history],
+            "train_images_per_second": [round(m["images_per_second"], 1) for m in history],
+            "chance": 1 / len(data.classes),
+        }
+    )
+    print(
+        json.dumps({k: entry[k] for k in ("model", "dataset", "image_size", "wall_seconds", "val_balanced_accuracy")}),
+        flush=True,
+    )
     return entry
 
 

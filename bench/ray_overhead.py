@@ -147,8 +147,11 @@ def engine_process(config_json: str, threads: int, niceness: int, events: str, g
         Path(f"{go}.ready").touch()
         while not Path(go).exists():
             time.sleep(0.05)
-    run.fit(lambda epoch, metrics, _: append_json(
-        Path(events), {"time": time.time(), **{key: metrics[key] for key in EPOCH_KEYS}}))
+    run.fit(
+        lambda epoch, metrics, _: append_json(
+            Path(events), {"time": time.time(), **{key: metrics[key] for key in EPOCH_KEYS}}
+        )
+    )
 
 
 def ray_worker_niceness() -> int:
@@ -171,8 +174,14 @@ def start_engine(
 
 def ray_trainer(config: TrainConfig, resources: WorkerResources, storage: Path, name: str) -> Any:
     check_fits(resources)
-    return build_trainer(config, resources, storage=storage, name=name, max_failures=0,
-                         callbacks=[EpochEndRecorder(storage / f"{name}.epochs.jsonl")])
+    return build_trainer(
+        config,
+        resources,
+        storage=storage,
+        name=name,
+        max_failures=0,
+        callbacks=[EpochEndRecorder(storage / f"{name}.epochs.jsonl")],
+    )
 
 
 def run_side_by_side(config: TrainConfig, storage: Path, train_images: int, niceness: int) -> dict[str, Any]:
@@ -210,8 +219,7 @@ def run_side_by_side(config: TrainConfig, storage: Path, train_images: int, nice
         raise RuntimeError("no overlapping steady epochs: run with more --side-by-side-epochs")
     return {
         "a": {**steady_figures(a_steady, train_images), "torch_threads": 1, "epochs": a_epochs},
-        "b": {**steady_figures(b_steady, train_images), **startup_seconds(b_started, b_epochs),
-              "epochs": b_epochs},
+        "b": {**steady_figures(b_steady, train_images), **startup_seconds(b_started, b_epochs), "epochs": b_epochs},
     }
 
 
@@ -233,8 +241,7 @@ def run_alone(
             raise RuntimeError(f"Ray Train run (c) failed: {result.error}")
         extra = {"workers": 2, "cpus_per_worker": 1}
     epochs = with_starts(started, read_json_lines(events))
-    return {**steady_figures(epochs[1:], train_images), **startup_seconds(started, epochs), **extra,
-            "epochs": epochs}
+    return {**steady_figures(epochs[1:], train_images), **startup_seconds(started, epochs), **extra, "epochs": epochs}
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -251,13 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.side_by_side_epochs < 4:
-        parser.error(f"--epochs must be >= 2 and --side-by-side-epochs >= 4, got {args.epochs}, "
-                     f"{args.side_by_side_epochs}")
+        parser.error(
+            f"--epochs must be >= 2 and --side-by-side-epochs >= 4, got {args.epochs}, {args.side_by_side_epochs}"
+        )
 
     cores = os.cpu_count() or 1
     data_dir = demo_data_dir()
-    config = TrainConfig(data_dir=data_dir, image_size=args.image_size, model=args.model, epochs=args.epochs,
-                         batch_size=args.batch_size, device="cpu")
+    config = TrainConfig(
+        data_dir=data_dir,
+        image_size=args.image_size,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device="cpu",
+    )
     data = prepare_data(data_dir, args.image_size)  # build the decoded cache now, outside every timing
     train_images = sum(split_counts(data)["train"])
 
@@ -267,19 +281,27 @@ def main(argv: list[str] | None = None) -> int:
     load = [os.getloadavg()[0]]
     try:
         niceness = ray_worker_niceness()
-        figures = run_side_by_side(config.with_overrides({"epochs": args.side_by_side_epochs}), storage,
-                                   train_images, niceness)
+        figures = run_side_by_side(
+            config.with_overrides({"epochs": args.side_by_side_epochs}), storage, train_images, niceness
+        )
         load.append(os.getloadavg()[0])
         a, b = figures["a"], figures["b"]
-        print(f"side by side: a {a['steady_images_per_second']:.1f} img/s, b {b['steady_images_per_second']:.1f}"
-              f" img/s; b start-up {b['startup_s']:.1f} s", flush=True)
+        print(
+            f"side by side: a {a['steady_images_per_second']:.1f} img/s, b {b['steady_images_per_second']:.1f}"
+            f" img/s; b start-up {b['startup_s']:.1f} s",
+            flush=True,
+        )
         if not args.skip_alone:
-            alone = [(kind, run_alone(kind, index, config, storage, train_images, cores, niceness))
-                     for index, kind in enumerate(("a2", "c", "a2"))]
+            alone = [
+                (kind, run_alone(kind, index, config, storage, train_images, cores, niceness))
+                for index, kind in enumerate(("a2", "c", "a2"))
+            ]
             load.append(os.getloadavg()[0])
             for kind, run in alone:
-                print(f"{kind}: {run['steady_images_per_second']:.1f} img/s, start-up {run['startup_s']:.1f} s",
-                      flush=True)
+                print(
+                    f"{kind}: {run['steady_images_per_second']:.1f} img/s, start-up {run['startup_s']:.1f} s",
+                    flush=True,
+                )
             a2_runs = [run for kind, run in alone if kind == "a2"]
             figures["a2"] = {
                 key: statistics.mean(run[key] for run in a2_runs)
@@ -306,15 +328,21 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": {**machine(), "torch": torch.__version__, "ray": ray.__version__},
         "load_average_1min": load,  # before, between and after the phases: other users slow every run
-        "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
         "epochs_per_run": {"b": args.side_by_side_epochs, "a2": args.epochs, "c": args.epochs},
         "train_images": train_images,
         "niceness_of_every_run": niceness,
         "resources": {
-            "a": "engine process, 1 torch thread (side by side with b)", "b": "Ray Train 1 worker x 1 CPU",
-            "a2": f"engine process, {cores} torch threads (alone)", "c": "Ray Train 2 workers x 1 CPU",
+            "a": "engine process, 1 torch thread (side by side with b)",
+            "b": "Ray Train 1 worker x 1 CPU",
+            "a2": f"engine process, {cores} torch threads (alone)",
+            "c": "Ray Train 2 workers x 1 CPU",
         },
-        "ratios": ratios, "goals": goals, "figures": figures,
+        "ratios": ratios,
+        "goals": goals,
+        "figures": figures,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     append_json(args.output, record)

@@ -19,6 +19,7 @@ import math
 import statistics
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import ray
@@ -58,9 +59,15 @@ def run(args: argparse.Namespace, data: Path, seed: int, algorithm: str, early_s
     overrides = {**parse_set(args.overrides), "search_seed": seed, "seed": seed, "num_samples": args.budget}
     space = load_space(args.space, overrides)
     settings = SearchSettings(
-        space=space, data_dir=data, storage=str(root / "runs"), name=f"{algorithm}-{seed}",
-        mlflow_uri=f"sqlite:///{root}/mlflow.db", experiment="search-efficiency", algorithm=algorithm,
-        early_stopping=early_stopping, epoch_budget=args.budget,
+        space=space,
+        data_dir=data,
+        storage=str(root / "runs"),
+        name=f"{algorithm}-{seed}",
+        mlflow_uri=f"sqlite:///{root}/mlflow.db",
+        experiment="search-efficiency",
+        algorithm=algorithm,
+        early_stopping=early_stopping,
+        epoch_budget=args.budget,
     )
     return run_search(settings)
 
@@ -72,8 +79,14 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=int, default=24, help="epochs per search (all trials together)")
     parser.add_argument("--num-cpus", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="space override for both searches, e.g. --set scheduler.grace_period=2")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="space override for both searches, e.g. --set scheduler.grace_period=2",
+    )
     parser.add_argument("--plot", default="search_efficiency.png", help="file name in bench/results/")
     args = parser.parse_args()
     data = args.data or (PAINTINGS_DEV if PAINTINGS_DEV.is_dir() else demo_data_dir())
@@ -86,18 +99,27 @@ def main() -> int:
         tpe_curve, random_curve = best_so_far(tpe), best_so_far(random)
         target = random_curve[-1][1]
         needed = {"tpe_asha": epochs_to_reach(tpe_curve, target), "random": epochs_to_reach(random_curve, target)}
-        per_seed.append({
-            "seed": seed, "random_final_best": target, "tpe_final_best": tpe_curve[-1][1],
-            "epochs_to_reach_random_best": needed,
-            "ratio": needed["tpe_asha"] / needed["random"] if needed["tpe_asha"] else None,
-            "tpe_trials": len(tpe.trials), "random_trials": len(random.trials),
-            "tpe_stopped_early": sum(t["stopped_early"] for t in tpe.trials.values()),
-            "tpe_test_accuracy": tpe.test["test_accuracy"], "random_test_accuracy": random.test["test_accuracy"],
-        })
+        per_seed.append(
+            {
+                "seed": seed,
+                "random_final_best": target,
+                "tpe_final_best": tpe_curve[-1][1],
+                "epochs_to_reach_random_best": needed,
+                "ratio": needed["tpe_asha"] / needed["random"] if needed["tpe_asha"] else None,
+                "tpe_trials": len(tpe.trials),
+                "random_trials": len(random.trials),
+                "tpe_stopped_early": sum(t["stopped_early"] for t in tpe.trials.values()),
+                "tpe_test_accuracy": tpe.test["test_accuracy"],
+                "random_test_accuracy": random.test["test_accuracy"],
+            }
+        )
         curves[seed] = (tpe_curve, random_curve)
         for outcome in (tpe, random):
-            overheads += [t["first_report_s"] - t["first_epoch_s"] for t in outcome.trials.values()
-                          if t.get("first_report_s") is not None]
+            overheads += [
+                t["first_report_s"] - t["first_epoch_s"]
+                for t in outcome.trials.values()
+                if t.get("first_report_s") is not None
+            ]
         print(json.dumps(per_seed[-1]), flush=True)
     ray.shutdown()
 
@@ -106,13 +128,27 @@ def main() -> int:
     median_ratio = statistics.median(ratios)
     figure, axes = plt.subplots(figsize=(7, 4.2))
     for seed, (tpe_curve, random_curve) in curves.items():
-        axes.step(*zip(*tpe_curve, strict=True), where="post", color="tab:blue", alpha=0.8,
-                  label="TPE + ASHA" if seed == 0 else None)
-        axes.step(*zip(*random_curve, strict=True), where="post", color="tab:orange", alpha=0.8,
-                  label="random, no early stopping" if seed == 0 else None)
+        axes.step(
+            *zip(*tpe_curve, strict=True),
+            where="post",
+            color="tab:blue",
+            alpha=0.8,
+            label="TPE + ASHA" if seed == 0 else None,
+        )
+        axes.step(
+            *zip(*random_curve, strict=True),
+            where="post",
+            color="tab:orange",
+            alpha=0.8,
+            label="random, no early stopping" if seed == 0 else None,
+        )
     settings = f", {' '.join(args.overrides)}" if args.overrides else ""
-    axes.set_title(f"space {args.space}{settings} on {data.name}: {args.seeds} seeds, {args.budget} epochs per search",
-                   fontsize=9)
+    axes.set_title(
+        textwrap.fill(
+            f"space {args.space}{settings} on {data.name}: {args.seeds} seeds, {args.budget} epochs per search", 110
+        ),
+        fontsize=8,
+    )
     axes.set_xlabel("epochs spent (all trials)")
     axes.set_ylabel("best validation balanced accuracy so far")
     axes.legend()
@@ -120,14 +156,22 @@ def main() -> int:
     figure.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     figure.savefig(RESULTS / args.plot, dpi=110)
-    entry = record({
-        "benchmark": "search_efficiency", "space": args.space, "overrides": args.overrides, "data": str(data),
-        "budget_epochs": args.budget, "plot": args.plot,
-        "seeds": per_seed, "median_ratio_tpe_to_random_epochs": median_ratio if math.isfinite(median_ratio) else None,
-        "seeds_where_tpe_reached_random_best": sum(math.isfinite(r) for r in ratios), "goal": "median ratio <= 0.5",
-        # Trial start to first reported epoch, minus that epoch's own training time.
-        "median_trial_overhead_s": statistics.median(overheads) if overheads else None,
-    })
+    entry = record(
+        {
+            "benchmark": "search_efficiency",
+            "space": args.space,
+            "overrides": args.overrides,
+            "data": str(data),
+            "budget_epochs": args.budget,
+            "plot": args.plot,
+            "seeds": per_seed,
+            "median_ratio_tpe_to_random_epochs": median_ratio if math.isfinite(median_ratio) else None,
+            "seeds_where_tpe_reached_random_best": sum(math.isfinite(r) for r in ratios),
+            "goal": "median ratio <= 0.5",
+            # Trial start to first reported epoch, minus that epoch's own training time.
+            "median_trial_overhead_s": statistics.median(overheads) if overheads else None,
+        }
+    )
     with open(RESULTS / "search_efficiency.jsonl", "a") as file:
         file.write(json.dumps(entry) + "\n")
     keys = ("median_ratio_tpe_to_random_epochs", "seeds_where_tpe_reached_random_best", "median_trial_overhead_s")

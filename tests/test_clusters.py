@@ -233,9 +233,7 @@ def test_ray_and_python_versions_are_pinned(gpu_config: dict[str, Any]) -> None:
     assert not {"head_image", "worker_image"} & set(gpu_config["docker"]), "one image for every node"
     ray_requirement = re.search(r'"(ray\[[^"]*)"', (REPO / "pyproject.toml").read_text())
     assert ray_requirement, "no ray requirement in pyproject.toml"
-    assert RAY_VERSION in Requirement(ray_requirement[1]).specifier, (
-        "pyproject.toml no longer allows this Ray"
-    )
+    assert RAY_VERSION in Requirement(ray_requirement[1]).specifier, "pyproject.toml no longer allows this Ray"
     setup = gpu_config["setup_commands"]
     installs = [shlex.split(c) for c in setup if c.startswith("pip install")]
     assert len(installs) == 1
@@ -333,9 +331,7 @@ def gpu_limits(cluster: dict[str, Any]) -> dict[str, Any]:
         pytest.param(lambda c: gpu_group(c).update(maxReplicas=0, replicas=0), id="max-replicas-0"),
         pytest.param(lambda c: gpu_group(c).update(minReplicas=5), id="min-above-max"),
         pytest.param(lambda c: gpu_group(c).pop("groupName"), id="no-group-name"),
-        pytest.param(
-            lambda c: c["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), id="int"
-        ),
+        pytest.param(lambda c: c["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), id="int"),
         pytest.param(lambda c: gpu_limits(c).pop(GPU_RESOURCE), id="no-gpu-limit"),
     ],
 )
@@ -373,9 +369,7 @@ def test_kuberay_keeps_dashboard_and_mlflow_inside_the_head_pod(ray_cluster: dic
     head = ray_cluster["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     assert head.get("serviceType", "ClusterIP") == "ClusterIP"
-    mlflow = [
-        c for c in head["template"]["spec"]["containers"] if "mlflow server" in " ".join(c.get("args", []))
-    ]
+    mlflow = [c for c in head["template"]["spec"]["containers"] if "mlflow server" in " ".join(c.get("args", []))]
     assert len(mlflow) == 1
     tokens = mlflow_server_tokens(" ".join(mlflow[0]["args"]))
     assert option_value(tokens, "--host") == "127.0.0.1"

@@ -56,9 +56,7 @@ def test_random_horizontal_flip() -> None:
     flipped = random_horizontal_flip(x, 0.5, generator=seeded())
     assert torch.equal(flipped, random_horizontal_flip(x, 0.5, generator=seeded()))
     was_flipped = [torch.equal(out, image.flip(-1)) for out, image in zip(flipped, x, strict=True)]
-    assert all(
-        flip or torch.equal(out, image) for flip, out, image in zip(was_flipped, flipped, x, strict=True)
-    )
+    assert all(flip or torch.equal(out, image) for flip, out, image in zip(was_flipped, flipped, x, strict=True))
     assert 16 < sum(was_flipped) < 48
     with pytest.raises(ValueError, match=r"flip probability must be in \[0, 1\]"):
         random_horizontal_flip(x, 1.5)
@@ -84,15 +82,11 @@ def test_pca_colour_jitter_is_the_koshian2_formula(device: str) -> None:
     alpha = torch.randn(len(x), 3, generator=seeded(3)).double() * std  # the layer's own draw
     for image, image_delta, image_alpha in zip(x.cpu().numpy(), delta.numpy(), alpha.numpy(), strict=True):
         colour = image_delta[:, 0, 0]
-        np.testing.assert_allclose(
-            image_delta, np.broadcast_to(colour[:, None, None], image_delta.shape), atol=1e-9
-        )
+        np.testing.assert_allclose(image_delta, np.broadcast_to(colour[:, None, None], image_delta.shape), atol=1e-9)
         values, vectors = koshian2_eigen(image)
         # delta = U @ (alpha * S): its coordinate along eigenvector i is alpha_i * S_i (up to the
         # eigenvector's sign, which no decomposition fixes).
-        np.testing.assert_allclose(
-            np.abs(vectors.T @ colour), np.abs(image_alpha * values), rtol=1e-6, atol=1e-9
-        )
+        np.testing.assert_allclose(np.abs(vectors.T @ colour), np.abs(image_alpha * values), rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(values.sum(), 3.0 * image[0].size / (image[0].size - 1))
 
 

@@ -36,9 +36,7 @@ def folder_dataset(root: Path, per_class: int = 4) -> Path:
     """Two classes of small noise images of different shapes (so resizing is not a no-op)."""
     for label, painter in enumerate(("bosch", "greco")):
         for index in range(per_class):
-            noise_image(
-                root / painter / f"{index}.png", (20 + 3 * index, 12 + label), seed=10 * label + index
-            )
+            noise_image(root / painter / f"{index}.png", (20 + 3 * index, 12 + label), seed=10 * label + index)
     return root
 
 
@@ -66,9 +64,7 @@ def test_prepare_data_decodes_once(tmp_path: Path, count_decodes: list[Path]) ->
     second = prepare_data(data, SIZE, cache_dir=cache_dir)
     assert len(count_decodes) == 8  # nothing decoded the second time
     assert second.fingerprint == first.fingerprint
-    assert [path.name for path in cache_dir.iterdir() if not path.name.endswith(".lock")] == [
-        first.fingerprint
-    ]
+    assert [path.name for path in cache_dir.iterdir() if not path.name.endswith(".lock")] == [first.fingerprint]
 
     assert isinstance(second.images, np.memmap) and second.images.dtype == np.uint8
     assert second.images.shape == (8, SIZE, SIZE, 3)
@@ -120,9 +116,7 @@ def odd_files_dataset(root: Path) -> Path:
     odd.mkdir(parents=True)
     noise_image(odd / "grayscale.png", (24, 18), seed=3, mode="L")
     noise_image(odd / "cmyk.jpg", (24, 18), seed=4, mode="CMYK")
-    Image.fromarray(np.full((10, 12), 51400, dtype=np.uint16)).save(
-        odd / "sixteen_bit.png"
-    )  # 51400/257 = 200
+    Image.fromarray(np.full((10, 12), 51400, dtype=np.uint16)).save(odd / "sixteen_bit.png")  # 51400/257 = 200
     rgba = np.zeros((10, 12, 4), dtype=np.uint8)
     rgba[:, 6:] = (10, 20, 30, 255)  # opaque right half, fully transparent left half
     Image.fromarray(rgba, "RGBA").save(odd / "rgba.png")
@@ -139,13 +133,9 @@ def odd_files_dataset(root: Path) -> Path:
     Image.fromarray(rotated).save(odd / "exif_rotated.jpg", exif=exif, quality=95)
 
     encoded = io.BytesIO()
-    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-        encoded, "JPEG"
-    )
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(encoded, "JPEG")
     (odd / "truncated.jpg").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
-    (odd / "corrupt.jpg").write_bytes(
-        np.random.default_rng(6).integers(0, 256, 500, dtype=np.uint8).tobytes()
-    )
+    (odd / "corrupt.jpg").write_bytes(np.random.default_rng(6).integers(0, 256, 500, dtype=np.uint8).tobytes())
     (odd / "empty.jpg").write_bytes(b"")
     (odd / "text.png").write_text("this is not a png")
     noise_image(odd / "one_pixel.png", (1, 1), seed=7)
@@ -222,9 +212,7 @@ def test_concurrent_builders_share_one_cache(tmp_path: Path) -> None:
     data, cache_dir = folder_dataset(tmp_path / "data"), tmp_path / "cache"
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
-    workers = [
-        context.Process(target=_build_in_child, args=(data, cache_dir, barrier, results)) for _ in range(2)
-    ]
+    workers = [context.Process(target=_build_in_child, args=(data, cache_dir, barrier, results)) for _ in range(2)]
     for worker in workers:
         worker.start()
     outcomes = [results.get(timeout=120) for _ in workers]

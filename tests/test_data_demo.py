@@ -117,9 +117,7 @@ def _balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean([np.mean(predicted[truth == c] == c) for c in np.unique(truth)]))
 
 
-def _mean_colour_accuracy(
-    images: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray
-) -> float:
+def _mean_colour_accuracy(images: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
     """The best of three mean-RGB classifiers: nearest centroid, linear and quadratic logistic."""
     colour = images.mean(axis=(1, 2))
     colour = (colour - colour[train].mean(0)) / colour[train].std(0)
@@ -211,8 +209,7 @@ def test_style_is_learnable_but_mean_colour_is_not(demo_dir: Path, one_torch_thr
     mean_colour = _mean_colour_accuracy(images, labels, train, test)
     cnn = _cnn_accuracy(images, labels, train, test)
     print(
-        f"balanced accuracy on {len(test)} held-out images: CNN {cnn:.3f}, "
-        f"mean colour {mean_colour:.3f}, chance 0.200"
+        f"balanced accuracy on {len(test)} held-out images: CNN {cnn:.3f}, mean colour {mean_colour:.3f}, chance 0.200"
     )
     assert cnn > 0.6
     assert mean_colour < 0.45

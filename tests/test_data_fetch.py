@@ -256,9 +256,7 @@ def test_slow_response_times_out_and_is_retried(tmp_path: Path, server: ImageSer
     paths = _painter_paths(server)[:2]
     server.plan = {paths[0]: ["slow"]}
     server.slow_seconds = 1.0
-    summary = fetch_images(
-        _make_csv(tmp_path, server, paths), tmp_path / "data", retries=2, timeout=0.3, backoff=0.01
-    )
+    summary = fetch_images(_make_csv(tmp_path, server, paths), tmp_path / "data", retries=2, timeout=0.3, backoff=0.01)
     assert summary == FetchSummary(downloaded=2, skipped=0, failed=[])
     assert server.counts[paths[0]] == 2
     _assert_complete(tmp_path / "data", server, paths)
@@ -268,9 +266,7 @@ def test_server_error_is_retried_and_timeout_reason_reported(tmp_path: Path, ser
     paths = _painter_paths(server)[:3]
     server.plan = {paths[0]: ["500", "ok"], paths[1]: ["slow"] * 9}
     server.slow_seconds = 0.6
-    summary = fetch_images(
-        _make_csv(tmp_path, server, paths), tmp_path / "data", retries=1, timeout=0.2, backoff=0.01
-    )
+    summary = fetch_images(_make_csv(tmp_path, server, paths), tmp_path / "data", retries=1, timeout=0.2, backoff=0.01)
     assert summary.downloaded == 2
     assert server.counts[paths[0]] == 2
     assert summary.failed == [(server.url(paths[1]), "timed out after 0.2 s (after 2 attempts)")]

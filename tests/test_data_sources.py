@@ -16,9 +16,7 @@ from prado_dist.data.split import stratified_split
 URL = "https://content3.cdnprado.net/imagenes/Documentos/imgsem/aa/bb/{name}"
 
 
-def write_image(
-    path: Path, size: tuple[int, int] = (8, 6), colour: tuple[int, int, int] = (90, 30, 200)
-) -> Path:
+def write_image(path: Path, size: tuple[int, int] = (8, 6), colour: tuple[int, int, int] = (90, 30, 200)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
     return path
@@ -128,9 +126,7 @@ def test_kaggle_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"lacks the column\(s\) \['work_image_url'\]"):
         find_samples(tmp_path)
 
-    write_prado_csv(
-        tmp_path / "prado.csv", [{"work_image_url": URL.format(name="a.jpg"), "author": "Velázquez"}]
-    )
+    write_prado_csv(tmp_path / "prado.csv", [{"work_image_url": URL.format(name="a.jpg"), "author": "Velázquez"}])
     with pytest.raises(DataError, match="none of the five painters"):
         find_samples(tmp_path)
 
@@ -161,9 +157,7 @@ def test_split_partitions_and_stratifies() -> None:
     splits = stratified_split(labels, test_fraction=0.2, val_fraction=0.2, seed=42)
     assert list(splits) == ["train", "val", "test"]
     joined = np.concatenate(list(splits.values()))
-    assert len(joined) == len(labels) and set(joined.tolist()) == set(
-        range(len(labels))
-    )  # disjoint, covering
+    assert len(joined) == len(labels) and set(joined.tolist()) == set(range(len(labels)))  # disjoint, covering
     assert all(np.array_equal(part, np.sort(part)) and part.dtype == np.int64 for part in splits.values())
     test_counts = np.bincount(labels[splits["test"]], minlength=5)
     val_counts = np.bincount(labels[splits["val"]], minlength=5)

@@ -26,9 +26,7 @@ REPORT_MODELS = [name for name in CUSTOM_MODELS if name not in list_models(famil
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     running = sum(
-        buffer.numel()
-        for name, buffer in model.named_buffers()
-        if name.endswith(("running_mean", "running_var"))
+        buffer.numel() for name, buffer in model.named_buffers() if name.endswith(("running_mean", "running_var"))
     )
     return trainable, trainable + running
 

@@ -47,7 +47,9 @@ def tags_of(run: dict) -> dict[str, str]:
     return {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
 
 
-def test_search_on_two_cpus_records_everything_in_mlflow(small_demo: Path, mlflow_server: str, tmp_path: Path) -> None:
+def test_search_on_two_cpus_records_everything_in_mlflow(
+    small_demo: Path, mlflow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     space = load_space("demo", DEMO_OVERRIDES)
     settings = SearchSettings(
         space=space, data_dir=small_demo, storage=str(tmp_path / "runs"), mlflow_uri=mlflow_server, experiment="e2e"
@@ -63,6 +65,13 @@ def test_search_on_two_cpus_records_everything_in_mlflow(small_demo: Path, mlflo
     assert 1 <= len(stopped) < 4
     assert leftovers["placement_groups"] == []
     assert leftovers["available"].get("CPU") == pytest.approx(2.0)
+    # Tune's console: the searched metric is a column of its status table, and its result boxes
+    # leave out the per-class metrics (MLflow has them).
+    console = capsys.readouterr().out
+    # (The last table, printed after results came in; Tune shortens long headers to "...balanced_accuracy".)
+    last_table_header = [line for line in console.splitlines() if line.startswith("│ Trial name")][-1]
+    assert "balanced_accuracy" in last_table_header and "val_loss" in last_table_header
+    assert "Trial run_trial_" in console and "val_recall_" not in console
     # The report's configuration was evaluated, and the final test evaluation ran once.
     assert outcome.baseline_val is not None
     assert set(outcome.test) >= {"test_accuracy", "test_balanced_accuracy", "test_macro_f1"}

@@ -29,9 +29,7 @@ def augment_batch(
     return pca_colour_jitter(x, pca_std, generator=generator)
 
 
-def random_horizontal_flip(
-    x: torch.Tensor, p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_horizontal_flip(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image left-right with probability `p`, independently per image."""
     _check_batch(x)
     if not 0.0 <= p <= 1.0:

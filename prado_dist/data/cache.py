@@ -259,9 +259,7 @@ def _write_cache(sample_set: SampleSet, image_size: int, key: str, directory: Pa
         del images
         if not kept:
             problems = [f"{samples[index].path}: {reason}" for index, reason in rejected[:3]]
-            raise DataError(
-                f"none of the {len(samples)} image files could be decoded; first problems: {problems}"
-            )
+            raise DataError(f"none of the {len(samples)} image files could be decoded; first problems: {problems}")
         if len(kept) < len(samples):
             _shrink_npy(images_path, len(kept))
         meta = {
@@ -349,9 +347,7 @@ def _preallocate(path: Path) -> None:
                 raise
 
 
-def _open_if_complete(
-    directory: Path, key: str, image_size: int, sample_set: SampleSet
-) -> DecodedCache | None:
+def _open_if_complete(directory: Path, key: str, image_size: int, sample_set: SampleSet) -> DecodedCache | None:
     """The cache in `directory`, or None when it is absent or does not match what was asked."""
     meta_path = directory / META_FILE
     if not meta_path.is_file():

@@ -93,9 +93,7 @@ def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> n
     """Vectorised HSV -> RGB in [0, 1]; inputs broadcast together, RGB on the last axis."""
     hue = np.mod(hue, 1.0)
     k = np.mod(np.array([5.0, 3.0, 1.0]) + hue[..., None] * 6.0, 6.0)
-    return value[..., None] - value[..., None] * saturation[..., None] * np.clip(
-        np.minimum(k, 4.0 - k), 0.0, 1.0
-    )
+    return value[..., None] - value[..., None] * saturation[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 class _Canvas:

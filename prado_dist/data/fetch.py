@@ -55,10 +55,7 @@ class FetchSummary:
         return not self.failed
 
     def format(self) -> str:
-        lines = [
-            f"downloaded {self.downloaded}, skipped {self.skipped} (already complete), "
-            f"failed {len(self.failed)}"
-        ]
+        lines = [f"downloaded {self.downloaded}, skipped {self.skipped} (already complete), failed {len(self.failed)}"]
         lines += [f"  FAILED {url}: {reason}" for url, reason in self.failed]
         return "\n".join(lines)
 
@@ -230,9 +227,7 @@ def fetch_images(
     for row in rows:
         url = (row.get("work_image_url") or "").strip()
         if not url:
-            summary.failed.append(
-                (row.get("work_url") or row.get("work_title") or "?", "row has no work_image_url")
-            )
+            summary.failed.append((row.get("work_url") or row.get("work_title") or "?", "row has no work_image_url"))
             continue
         try:
             name = image_file_name(url)
@@ -292,13 +287,9 @@ def fetch_images(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `fetch` sub-command's flags."""
     parser.add_argument("--csv", type=Path, required=True, help="the Kaggle metadata file prado.csv")
-    parser.add_argument(
-        "--out", type=Path, required=True, help="dataset root to create: DIR/prado.csv and DIR/images/"
-    )
+    parser.add_argument("--out", type=Path, required=True, help="dataset root to create: DIR/prado.csv and DIR/images/")
     parser.add_argument("--concurrency", type=int, default=8, help="parallel downloads (default 8)")
-    parser.add_argument(
-        "--retries", type=int, default=4, help="extra attempts on transient errors (default 4)"
-    )
+    parser.add_argument("--retries", type=int, default=4, help="extra attempts on transient errors (default 4)")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -325,9 +316,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(summary.format())
     if summary.failed:
-        print(
-            "Re-run the same command to retry the failed images; complete files are skipped.", file=sys.stderr
-        )
+        print("Re-run the same command to retry the failed images; complete files are skipped.", file=sys.stderr)
         return 1
     print(f"dataset root ready: {args.out}")
     return 0

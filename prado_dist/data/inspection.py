@@ -22,9 +22,7 @@ from prado_dist.data.sources import DataError, SampleSet, find_samples
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    parser.add_argument(
-        "--data", type=Path, required=True, help="dataset folder (Kaggle or folder-per-class layout)"
-    )
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder (Kaggle or folder-per-class layout)")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="cache image side (px)")
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="default: $PRADO_DIST_CACHE or ~/.cache/prado_dist"

@@ -202,6 +202,4 @@ def _require_every_class(sample_set: SampleSet, root: Path) -> None:
     empty = [name for name, count in zip(sample_set.classes, counts, strict=True) if count == 0]
     if empty:
         found = dict(zip(sample_set.classes, counts, strict=True))
-        raise DataError(
-            f"no images for class(es) {empty} in {root} ({sample_set.layout} layout); found {found}"
-        )
+        raise DataError(f"no images for class(es) {empty} in {root} ({sample_set.layout} layout); found {found}")

@@ -29,9 +29,7 @@ def register_model(name: str) -> Callable[[ModelConstructor], ModelConstructor]:
             raise ValueError(f"model names may not start with {TIMM_PREFIX!r} (reserved for timm): {name!r}")
         if name in _model_constructors:
             existing = _model_constructors[name]
-            raise ValueError(
-                f"model {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
-            )
+            raise ValueError(f"model {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
         _model_constructors[name] = constructor
         _model_family[name] = constructor.__module__.rpartition(".")[2]
         return constructor

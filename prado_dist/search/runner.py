@@ -36,6 +36,7 @@ from prado_dist.search.tracking import EndedTrial, SearchTracker, connect, git_c
 from prado_dist.search.trial import (
     TRIAL_DRIVER_RESOURCES,
     PlacementGroupReleaser,
+    console_metrics,
     run_trial,
     train_storage_path,
 )
@@ -174,9 +175,12 @@ def build_tuner(
             base_config=base_config.model_dump_json(),
             resources=resources,
             train_storage=train_storage_path(location.uri),
+            metric=space.metric,
         ),
         TRIAL_DRIVER_RESOURCES,
     )
+    # Read by Tune (ray.tune.progress_reporter._detect_progress_metrics): what its result boxes show.
+    trainable._progress_metrics = console_metrics(space.metric)
     if settings.resume:
         if not tune.Tuner.can_restore(location.uri):
             raise SearchError(f"--resume: {location.uri} holds no Tune experiment to resume")

@@ -49,6 +49,16 @@ logger = logging.getLogger(__name__)
 TRIAL_DRIVER_RESOURCES = tune.PlacementGroupFactory([{"memory": 64 * 1024**2}])
 
 
+# Tune's status table shows the first four metrics of a result, so these come first; its per-trial
+# result boxes show only these (not the per-class precision and recall, which MLflow keeps).
+CONSOLE_METRICS = ("val_balanced_accuracy", "val_loss", "train_loss", "val_accuracy", "epochs_completed", "lr")
+
+
+def console_metrics(metric: str) -> list[str]:
+    """The metrics Tune prints for a search on `metric`: that metric first, then CONSOLE_METRICS."""
+    return [metric, *(name for name in CONSOLE_METRICS if name != metric)]
+
+
 def train_run_name(trial_id: str) -> str:
     """The Ray Train run of a trial; stable across restarts so that they find its checkpoints."""
     return f"trial-{trial_id}"
@@ -61,6 +71,7 @@ def run_trial(
     resources: WorkerResources,
     train_storage: str,
     max_failures: int = 0,
+    metric: str = CONSOLE_METRICS[0],
 ) -> None:
     """Tune's trial function: `base_config` (TrainConfig JSON) with `params` applied, via Ray Train."""
     config = TrainConfig.model_validate_json(base_config).with_overrides(params)
@@ -72,9 +83,21 @@ def run_trial(
         # Worker failures are retried by Tune (FailureConfig of the search), which reruns this
         # function; the Train run of the same name then resumes from its latest checkpoint.
         max_failures=max_failures,
-        callbacks=[TuneReportCallback()],
+        callbacks=[ConsoleOrderedTuneReport(console_metrics(metric))],
     )
     trainer.fit()
+
+
+class ConsoleOrderedTuneReport(TuneReportCallback):
+    """Ray's TuneReportCallback, with `first` at the front of each result (see CONSOLE_METRICS)."""
+
+    def __init__(self, first: list[str]) -> None:
+        super().__init__()
+        self.first = first
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        ordered = {name: metrics[0][name] for name in self.first if name in metrics[0]} | metrics[0]
+        super().after_report(run_context, [ordered, *metrics[1:]], checkpoint)
 
 
 class PlacementGroupReleaser(tune.Callback):

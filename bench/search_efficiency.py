@@ -6,7 +6,7 @@ validation metric reached as a function of epochs spent, and the number of epoch
 needed to reach the random search's final best. Goal: TPE+ASHA needs at most half of them.
 Also measured: Tune's per-trial overhead (trial start to first reported epoch, minus that epoch).
 
-    python bench/search_efficiency.py [--data DIR] [--seeds 3] [--budget 24] [--set KEY=VALUE ...]
+    python bench/search_efficiency.py [--data DIR] [--seeds 3] [--first-seed 0] [--budget 24] [--set KEY=VALUE ...]
 
 Appends one JSON line to bench/results/search_efficiency.jsonl and writes a plot next to it.
 """
@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=None, help="default: paintings-dev if present, else demo")
     parser.add_argument("--space", default="demo")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST_SEED .. FIRST_SEED+SEEDS-1")
     parser.add_argument("--budget", type=int, default=24, help="epochs per search (all trials together)")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument(
@@ -93,7 +94,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     per_seed, curves, overheads = [], {}, []
-    for seed in range(args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         tpe = run(args, data, seed, "tpe", True, root)
         random = run(args, data, seed, "random", False, root)
         tpe_curve, random_curve = best_so_far(tpe), best_so_far(random)
@@ -133,19 +135,20 @@ def main() -> int:
             where="post",
             color="tab:blue",
             alpha=0.8,
-            label="TPE + ASHA" if seed == 0 else None,
+            label="TPE + ASHA" if seed == seeds[0] else None,
         )
         axes.step(
             *zip(*random_curve, strict=True),
             where="post",
             color="tab:orange",
             alpha=0.8,
-            label="random, no early stopping" if seed == 0 else None,
+            label="random, no early stopping" if seed == seeds[0] else None,
         )
     settings = f", {' '.join(args.overrides)}" if args.overrides else ""
     axes.set_title(
         textwrap.fill(
-            f"space {args.space}{settings} on {data.name}: {args.seeds} seeds, {args.budget} epochs per search", 110
+            f"space {args.space}{settings} on {data.name}: seeds {seeds[0]}-{seeds[-1]}, {args.budget} epochs each",
+            110,
         ),
         fontsize=8,
     )
@@ -170,6 +173,11 @@ def main() -> int:
             "goal": "median ratio <= 0.5",
             # Trial start to first reported epoch, minus that epoch's own training time.
             "median_trial_overhead_s": statistics.median(overheads) if overheads else None,
+            # (epochs spent, best so far) per seed, so that runs of other seeds can be pooled and replotted.
+            "curves": {
+                seed: {"tpe_asha": [[n, round(v, 4)] for n, v in tpe], "random": [[n, round(v, 4)] for n, v in rnd]}
+                for seed, (tpe, rnd) in curves.items()
+            },
         }
     )
     with open(RESULTS / "search_efficiency.jsonl", "a") as file:

@@ -66,6 +66,8 @@ def test_randint_upper_bound_is_inclusive(tmp_path: Path) -> None:
         (lambda s: s["params"]["lr"].update(low=0.01, high=0.1), "outside the searched range"),
         (lambda s: s.update(metric="val_top5"), "metric"),
         (lambda s: s["fixed"].update(lr=0.1), "both fixed and searched"),
+        (lambda s: s.update(searcher={"startup_trials": 0}), "searcher.startup_trials"),
+        (lambda s: s.update(searcher={"trials": 3}), "searcher.trials"),
     ],
 )
 def test_bad_spaces_are_rejected_with_file_and_key(tmp_path: Path, mutate, expected: str) -> None:

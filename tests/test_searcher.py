@@ -72,3 +72,22 @@ def test_epoch_budget_counts_each_trained_epoch_once() -> None:
     assert budget.spent == 4 and not budget.stop_all()
     budget("b", {"epochs_completed": 2})
     assert budget.spent == 5 and budget.stop_all()
+
+
+def test_tpe_models_after_the_spaces_startup_trials(tmp_path) -> None:
+    from prado_dist.search import load_space
+    from prado_dist.search.runner import SearchSettings, make_searcher, searcher_description
+
+    space = load_space("demo", {"searcher.startup_trials": 2, "search_seed": 7})
+    searcher = make_searcher("tpe", space, concurrent=1)
+    assert isinstance(searcher, PruningAwareOptunaSearch)
+    sampler = searcher._sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
+    assert searcher_description(SearchSettings(space=space, data_dir=tmp_path)).startswith("Optuna TPE (the first 2")
+    # Optuna's default of 10 start-up trials would leave a 6-trial search all random: said, not hidden.
+    default = load_space("demo", {"searcher.startup_trials": 10})
+    assert "all 6 trials are its random start-up trials" in searcher_description(
+        SearchSettings(space=default, data_dir=tmp_path)
+    )
+    with pytest.raises(Exception, match="unknown search algorithm"):
+        make_searcher("grid", space, concurrent=1)

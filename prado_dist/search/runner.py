@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
 import ray
 import ray.train
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, Searcher
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData
@@ -187,23 +188,7 @@ def build_tuner(
         return tune.Tuner.restore(location.uri, trainable, resume_unfinished=True, resume_errored=True)
     check_fits(resources, concurrent=space.max_concurrent or 1)
     concurrent = space.max_concurrent or max_concurrent_runs(resources)
-    if settings.algorithm == "tpe":
-        searcher = PruningAwareOptunaSearch(
-            metric=space.metric,
-            mode=space.mode,
-            seed=space.search_seed,
-            max_epochs=space.epochs,
-            # The report's configuration is evaluated first: the search can only improve on it.
-            points_to_evaluate=[space.baseline_point()],
-        )
-    elif settings.algorithm == "random":
-        # Its own limit: it creates every trial up front, and a trial driver reserves no CPU, so
-        # without it all trials would start at once and wait for workers, each holding memory.
-        searcher = BasicVariantGenerator(
-            points_to_evaluate=[space.baseline_point()], random_state=space.search_seed, max_concurrent=concurrent
-        )
-    else:
-        raise SearchError(f"unknown search algorithm {settings.algorithm!r}; use 'tpe' or 'random'")
+    searcher = make_searcher(settings.algorithm, space, concurrent)
     scheduler = (
         ASHAScheduler(
             time_attr=EPOCHS_COMPLETED,
@@ -234,6 +219,26 @@ def build_tuner(
             verbose=1,
         ),
     )
+
+
+def make_searcher(algorithm: str, space: SearchSpace, concurrent: int) -> Searcher:
+    """Optuna TPE (early-stopped trials told as pruned) or Tune's random search, both seeded."""
+    if algorithm == "tpe":
+        return PruningAwareOptunaSearch(
+            metric=space.metric,
+            mode=space.mode,
+            sampler=optuna.samplers.TPESampler(seed=space.search_seed, n_startup_trials=space.searcher.startup_trials),
+            max_epochs=space.epochs,
+            # The report's configuration is evaluated first: the search can only improve on it.
+            points_to_evaluate=[space.baseline_point()],
+        )
+    if algorithm == "random":
+        # Its own limit: it creates every trial up front, and a trial driver reserves no CPU, so
+        # without it all trials would start at once and wait for workers, each holding memory.
+        return BasicVariantGenerator(
+            points_to_evaluate=[space.baseline_point()], random_state=space.search_seed, max_concurrent=concurrent
+        )
+    raise SearchError(f"unknown search algorithm {algorithm!r}; use 'tpe' or 'random'")
 
 
 class EpochBudget(tune.Stopper):
@@ -328,9 +333,10 @@ def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
     prepared = search if isinstance(search, PreparedSearch) else prepare_search(search)
     settings, space, location = prepared.settings, prepared.settings.space, prepared.location
     print(
-        f"Search {location.name}: {space.num_samples} trials of {space.model} ({space.epochs} epochs), "
-        f"metric {space.metric} ({space.mode}); storage {location.uri}; MLflow {settings.mlflow_uri} "
-        f"experiment {settings.experiment or space.name!r}, parent run {prepared.parent_run_id}",
+        f"Search {location.name}: {space.num_samples} trials of {space.model} ({space.epochs} epochs) by "
+        f"{searcher_description(settings)}, metric {space.metric} ({space.mode}); storage {location.uri}; "
+        f"MLflow {settings.mlflow_uri} experiment {settings.experiment or space.name!r}, "
+        f"parent run {prepared.parent_run_id}",
         flush=True,
     )
     try:
@@ -349,6 +355,19 @@ def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
         # Also when the search fails or is interrupted: MLflow records still unwritten are listed.
         prepared.tracker.records.close()
     return outcome
+
+
+def searcher_description(settings: SearchSettings) -> str:
+    space = settings.space
+    if settings.algorithm != "tpe":
+        return "random search"
+    startup = space.searcher.startup_trials
+    if startup >= space.num_samples:
+        return (
+            f"Optuna TPE, but all {space.num_samples} trials are its random start-up trials "
+            f"(searcher.startup_trials={startup}): lower it for TPE to model the results"
+        )
+    return f"Optuna TPE (the first {startup} trials random)"
 
 
 def _error_line(error: BaseException | None) -> str | None:

@@ -61,6 +61,14 @@ class Scheduler(_Strict):
     reduction_factor: float = Field(3.0, gt=1.0)
 
 
+class Searcher(_Strict):
+    """Optuna TPE: its first `startup_trials` trials are drawn at random (the report's configuration
+    counts as one), later ones from a model of the trials so far. Optuna's default is 10, which
+    leaves a search of 10 trials or fewer random; a small budget wants fewer."""
+
+    startup_trials: int = Field(10, ge=1)
+
+
 class TrialResources(_Strict):
     workers: int = Field(1, ge=1)  # data-parallel Ray Train workers per trial
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -78,6 +86,7 @@ class SearchSpace(_Strict):
     metric: Literal[REPORTED_METRICS] = "val_balanced_accuracy"  # type: ignore[valid-type]
     mode: Literal["max", "min"] = "max"
     scheduler: Scheduler = Scheduler()
+    searcher: Searcher = Searcher()
     trial: TrialResources = TrialResources()
     num_samples: int = Field(20, ge=1)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster fits
@@ -201,7 +210,7 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any, path: Path) -> No
     if key in TrainConfig.model_fields and key != "model":
         raw.setdefault("fixed", {})[key] = value
         raw.get("params", {}).pop(key, None)
-    elif key in SearchSpace.model_fields or key.split(".")[0] in {"scheduler", "trial"}:
+    elif key in SearchSpace.model_fields or key.split(".")[0] in {"scheduler", "searcher", "trial"}:
         section, _, sub = key.partition(".")
         if sub:
             raw.setdefault(section, {})[sub] = value
@@ -210,7 +219,7 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any, path: Path) -> No
     else:
         raise ConfigError(
             f"--set {key}: unknown setting; use a training setting ({sorted(TrainConfig.model_fields)}) or a "
-            f"space key ({sorted(SearchSpace.model_fields)}, scheduler.*, trial.*)"
+            f"space key ({sorted(SearchSpace.model_fields)}, scheduler.*, searcher.*, trial.*)"
         )
 
 

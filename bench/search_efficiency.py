@@ -91,6 +91,9 @@ def main() -> int:
     parser.add_argument("--plot", default="search_efficiency.png", help="file name in bench/results/")
     args = parser.parse_args()
     data = args.data or (PAINTINGS_DEV if PAINTINGS_DEV.is_dir() else demo_data_dir())
+    if args.data is None and data != PAINTINGS_DEV:
+        print(f"{PAINTINGS_DEV} not found: searching the generated demo set instead (pass --data DIR)", flush=True)
+    print(f"data: {data}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     per_seed, curves, overheads = [], {}, []

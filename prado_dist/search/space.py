@@ -61,7 +61,7 @@ class Scheduler(_Strict):
     reduction_factor: float = Field(3.0, gt=1.0)
 
 
-class Searcher(_Strict):
+class SearcherSettings(_Strict):
     """Optuna TPE: its first `startup_trials` trials are drawn at random (the report's configuration
     counts as one), later ones from a model of the trials so far. Optuna's default is 10, which
     leaves a search of 10 trials or fewer random; a small budget wants fewer."""
@@ -86,7 +86,7 @@ class SearchSpace(_Strict):
     metric: Literal[REPORTED_METRICS] = "val_balanced_accuracy"  # type: ignore[valid-type]
     mode: Literal["max", "min"] = "max"
     scheduler: Scheduler = Scheduler()
-    searcher: Searcher = Searcher()
+    searcher: SearcherSettings = SearcherSettings()
     trial: TrialResources = TrialResources()
     num_samples: int = Field(20, ge=1)
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster fits

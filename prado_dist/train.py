@@ -130,15 +130,13 @@ def train_single_process(config: TrainConfig, data: PreparedData, out: Path) -> 
 
 def train_with_ray(config: TrainConfig, args: argparse.Namespace, out: Path) -> tuple[dict, list[dict]]:
     """Train through Ray Train; returns (best checkpoint state, per-epoch history)."""
-    from prado_dist.distributed import best_checkpoint_file, connect, run_training
+    from prado_dist.distributed import best_checkpoint_state, connect, load_ray_checkpoint, run_training
 
     resources = resources_from_args(args)
     connect(args.address)
     storage = args.storage or out / "ray"
     result = run_training(config, resources, storage=storage, name=out.name, max_failures=args.max_failures)
-    state = load_checkpoint(best_checkpoint_file(result))
-    last = load_checkpoint(Path(result.checkpoint.to_directory()) / "checkpoint.pt")
-    return state, last["history"]
+    return best_checkpoint_state(result), load_ray_checkpoint(result.checkpoint)["history"]
 
 
 def resources_from_args(args: argparse.Namespace) -> WorkerResources:

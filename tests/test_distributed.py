@@ -42,6 +42,7 @@ from prado_dist.distributed import (
     WorkerResources,
     build_trainer,
     check_fits,
+    load_ray_checkpoint,
     max_concurrent_runs,
     run_training,
 )
@@ -97,7 +98,7 @@ def tiny_config(root: Path, **overrides: Any) -> TrainConfig:
 
 def final_state(result: Any) -> dict[str, Any]:
     """The latest checkpoint of a Ray Train result."""
-    return load_checkpoint(Path(result.checkpoint.to_directory()) / CHECKPOINT_FILE)
+    return load_ray_checkpoint(result.checkpoint)
 
 
 def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
@@ -211,7 +212,7 @@ def test_two_workers_match_one_process(ray_cluster: str, demo_root: Path, demo_d
     assert result.error is None
     states = {}
     for checkpoint, _ in result.best_checkpoints:  # keep_checkpoints=2: both epochs are kept
-        state = load_checkpoint(Path(checkpoint.to_directory()) / CHECKPOINT_FILE)
+        state = load_ray_checkpoint(checkpoint)
         states[int(state["epoch"])] = state
     assert sorted(states) == [0, 1]
     for epoch in (0, 1):  # after one, then two optimizer steps
@@ -315,6 +316,34 @@ def test_ray_rerun_with_same_name_resumes_at_next_epoch(
     assert [m["lr"] for m in second["history"]] == [m["lr"] for m in uninterrupted.history]
     # A Ray worker runs 1 intra-op thread, this process more: same maths, different summation order.
     assert_same_weights(second["model"], uninterrupted.network.state_dict(), atol=1e-5)
+
+
+# --- reading checkpoints ------------------------------------------------------------------------
+
+
+def test_reading_a_ray_checkpoint_leaves_no_copy_behind(
+    demo_root: Path, demo_data: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.fs
+    import ray.train
+
+    run = TrainingRun(tiny_config(demo_root), demo_data)
+    saved = tmp_path / "storage" / "checkpoint_000000"
+    save_checkpoint(saved / CHECKPOINT_FILE, run.state_dict(epoch=0))
+    temp = tmp_path / "temp"  # where Ray downloads checkpoints (`tempfile.gettempdir()`)
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # A filesystem other than pyarrow's LocalFileSystem stands for remote storage (S3, GCS): Ray copies.
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "storage"), pyarrow.fs.LocalFileSystem())
+    for checkpoint in (
+        ray.train.Checkpoint.from_directory(saved),
+        str(saved),  # a checkpoint URI, as Tune's results give them
+        ray.train.Checkpoint("checkpoint_000000", filesystem=remote),
+    ):
+        assert load_ray_checkpoint(checkpoint)["epoch"] == 0
+    assert list(temp.iterdir()) == []
+    assert ray.train.Checkpoint("checkpoint_000000", filesystem=remote).to_directory()  # what leaked before
+    assert [p.name.startswith("checkpoint_tmp_") for p in temp.iterdir()] == [True]
 
 
 # --- resource sizing ------------------------------------------------------------------------------

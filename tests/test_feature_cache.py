@@ -290,9 +290,7 @@ def test_transfer_spaces_start_from_the_report_configuration(name: str) -> None:
 @pytest.mark.slow
 def test_two_ray_workers_share_one_feature_file_and_match_one_process(small_demo: Path, tmp_path: Path) -> None:
     from prado_dist.data import prepare_data, split_counts
-    from prado_dist.distributed import WorkerResources, run_training
-    from prado_dist.distributed.worker import CHECKPOINT_FILE
-    from prado_dist.engine import load_checkpoint
+    from prado_dist.distributed import WorkerResources, load_ray_checkpoint, run_training
     from tests.conftest import local_ray
 
     # test_fraction 0.25: 180 training images, two equal shards (DDP's mean gradient = the global one).
@@ -309,7 +307,7 @@ def test_two_ray_workers_share_one_feature_file_and_match_one_process(small_demo
     assert result.error is None
     assert result.metrics["feature_cache"] == 1.0
     assert len(feature_files(tmp_path)) == 1
-    distributed = load_checkpoint(Path(result.checkpoint.to_directory()) / CHECKPOINT_FILE)
+    distributed = load_ray_checkpoint(result.checkpoint)
 
     single = TrainingRun(config, data)
     single.fit()

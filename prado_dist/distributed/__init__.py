@@ -12,9 +12,10 @@ from prado_dist.distributed.resources import (
 )
 from prado_dist.distributed.trainer import (
     SELECTION_METRIC,
-    best_checkpoint_file,
+    best_checkpoint_state,
     build_trainer,
     connect,
+    load_ray_checkpoint,
     run_training,
     storage_uri,
 )
@@ -25,11 +26,12 @@ __all__ = [
     "SELECTION_METRIC",
     "ResourceError",
     "WorkerResources",
-    "best_checkpoint_file",
+    "best_checkpoint_state",
     "build_trainer",
     "check_fits",
     "check_global_batch",
     "connect",
+    "load_ray_checkpoint",
     "max_concurrent_runs",
     "run_training",
     "storage_uri",

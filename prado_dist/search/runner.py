@@ -27,8 +27,8 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData
-from prado_dist.distributed import CHECKPOINT_FILE, WorkerResources, check_fits, max_concurrent_runs, storage_uri
-from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, load_data
+from prado_dist.distributed import WorkerResources, check_fits, load_ray_checkpoint, max_concurrent_runs, storage_uri
+from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_data
 from prado_dist.engine.export import PaintingClassifier
 from prado_dist.engine.reporting import plot_confusion, plot_trial_curves, write_confusion_csv
 from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
@@ -424,8 +424,7 @@ def _epochs_from_checkpoint(rows: list[dict[str, Any]], before: int) -> list[dic
         if not isinstance(uri, str):
             continue
         try:
-            directory = ray.train.Checkpoint(uri).to_directory()
-            history = load_checkpoint(Path(directory) / CHECKPOINT_FILE)["history"]
+            history = load_ray_checkpoint(uri)["history"]
         except Exception as err:  # pruned by the keep-best-N rule, or storage unreachable
             logger.debug("checkpoint %s: %s", uri, err)
             continue
@@ -466,8 +465,7 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
         raise SearchError(f"no trial produced a checkpoint; errors: {errors or 'none reported'}")
     _, best_id, best_row, checkpoint_uri = best
     # The best epoch is among the checkpoints Ray keeps (best N by the same metric); local or remote.
-    checkpoint_dir = ray.train.Checkpoint(checkpoint_uri).to_directory()
-    state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+    state = load_ray_checkpoint(checkpoint_uri)
     test_metrics, confusion = evaluate_checkpoint(state, data, "test")
     baseline = space.baseline_point()
     baseline_trial = next(

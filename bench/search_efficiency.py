@@ -50,6 +50,14 @@ def best_so_far(outcome, metric_mode: str = "max") -> list[tuple[int, float]]:
     return curve
 
 
+def trial_curves(outcome) -> list[dict]:
+    """Each trial's config and per-epoch validation metric, for `asha_replay.py`."""
+    return [
+        {"params": trial["config"], "curve": [round(value, 4) for _, value in trial["curve"]]}
+        for trial in outcome.trials.values()
+    ]
+
+
 def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((spent for spent, best in curve if best >= target - 1e-12), None)
 
@@ -96,7 +104,7 @@ def main() -> int:
     print(f"data: {data}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    per_seed, curves, overheads = [], {}, []
+    per_seed, curves, trials, overheads = [], {}, {}, []
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         tpe = run(args, data, seed, "tpe", True, root)
@@ -119,6 +127,7 @@ def main() -> int:
             }
         )
         curves[seed] = (tpe_curve, random_curve)
+        trials[seed] = {"tpe_asha": trial_curves(tpe), "random": trial_curves(random)}
         for outcome in (tpe, random):
             overheads += [
                 t["first_report_s"] - t["first_epoch_s"]
@@ -181,6 +190,7 @@ def main() -> int:
                 seed: {"tpe_asha": [[n, round(v, 4)] for n, v in tpe], "random": [[n, round(v, 4)] for n, v in rnd]}
                 for seed, (tpe, rnd) in curves.items()
             },
+            "trials": trials,
         }
     )
     with open(RESULTS / "search_efficiency.jsonl", "a") as file:

@@ -49,6 +49,19 @@ def test_per_image_standardize_matches_tf_formula() -> None:
     )
 
 
+def test_per_image_standardize_exports_with_any_batch_size() -> None:
+    # The logged MLflow model is a torch.export program: a Python int taken from the batch size
+    # (`len(x)`) would fix the batch dimension to the example's, and other batch sizes would fail.
+    class Standardize(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return per_image_standardize(x)
+
+    program = torch.export.export(Standardize(), (paintings()[:2],), dynamic_shapes=[{0: torch.export.Dim("batch")}])
+    for batch in (1, 5):
+        x = paintings(batch=batch)
+        torch.testing.assert_close(program.module()(x), per_image_standardize(x))
+
+
 def test_random_horizontal_flip() -> None:
     x = paintings(batch=64)
     assert torch.equal(random_horizontal_flip(x, 0.0), x)

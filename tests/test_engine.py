@@ -125,3 +125,22 @@ def test_config_rejects_unknown_and_invalid_settings() -> None:
         TrainConfig().with_overrides({"learning_rate": 0.1})
     with pytest.raises(ConfigError, match="epochs"):
         TrainConfig().with_overrides({"epochs": 0})
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet29", "mobilenet"])
+def test_exported_classifier_takes_any_batch_size(name: str) -> None:
+    # What MLflow 3 does when a search logs its best model: torch.export with `Dim.AUTO` on the
+    # batch dimension of a 2-image example. Anything that turns the batch size into a Python int
+    # (len(x), x.shape[0] in arithmetic) fixes it, and the logged model then refuses other batch sizes.
+    from prado_dist.engine.export import PaintingClassifier
+    from prado_dist.engine.loop import InputPipeline
+    from prado_dist.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, image_size=32)
+    classifier = PaintingClassifier(model, InputPipeline(), ["a", "b", "c", "d", "e"], image_size=32)
+    example = torch.rand(2, 3, 32, 32) * 255
+    program = torch.export.export(classifier, (example,), dynamic_shapes=[{0: torch.export.Dim.AUTO}])
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, 32, 32) * 255
+        torch.testing.assert_close(program.module()(images), classifier(images))

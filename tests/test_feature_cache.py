@@ -365,6 +365,8 @@ def test_search_over_a_transfer_space_builds_features_once(
 
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     classifier = mlflow.pytorch.load_model(f"runs:/{outcome.parent_run_id}/model", map_location="cpu")
-    image = torch.randint(0, 256, (1, 3, 32, 32)).float()
-    probabilities = classifier(image)
-    assert probabilities.shape == (1, 5) and float(probabilities.sum()) == pytest.approx(1.0, abs=1e-4)
+    for batch in (1, 3):  # any batch size: MLflow's torch.export kept the batch dimension dynamic
+        images = torch.randint(0, 256, (batch, 3, 32, 32)).float()
+        probabilities = classifier(images)
+        assert probabilities.shape == (batch, 5)
+        assert probabilities.sum(dim=1).tolist() == pytest.approx([1.0] * batch, abs=1e-4)

@@ -48,7 +48,7 @@ def per_image_standardize(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
     count = x[0].numel()
     # One pass for both statistics; population variance (correction 0), as tf.
-    variance, mean = torch.var_mean(x.reshape(len(x), -1), dim=1, correction=0)
+    variance, mean = torch.var_mean(x.flatten(1), dim=1, correction=0)
     divisor = variance.sqrt().clamp_min(1.0 / math.sqrt(count))
     return (x - mean[:, None, None, None]) / divisor[:, None, None, None]
 

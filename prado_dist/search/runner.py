@@ -537,8 +537,9 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     # The whole network on images (a transfer run may have trained its head on cached features).
     run.load_model_state(state["model"])
     classifier = PaintingClassifier(run.network, run.image_pipeline, data.classes, train_config.image_size)
-    # One image per call: MLflow 3 saves the model with torch.export ("pt2"), specialised to this shape.
-    example = torch.from_numpy(data.images[data.splits["test"][:1]].transpose(0, 3, 1, 2).copy()).float()
+    # MLflow 3 saves the model with torch.export ("pt2"), which fixes a dimension of size 1: an example
+    # of 2 images keeps the batch dimension dynamic, so the logged model takes any number of images.
+    example = torch.from_numpy(data.images[data.splits["test"][:2]].transpose(0, 3, 1, 2).copy()).float()
     signature = infer_signature(example.numpy(), classifier(example).numpy())
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):

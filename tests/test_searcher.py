@@ -74,15 +74,16 @@ def test_epoch_budget_counts_each_trained_epoch_once() -> None:
     assert budget.spent == 5 and budget.stop_all()
 
 
-def test_tpe_models_after_the_spaces_startup_trials(tmp_path) -> None:
+def test_tpe_models_after_the_spaces_startup_trials(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prado_dist.search import load_space
     from prado_dist.search.runner import SearchSettings, make_searcher, searcher_description
 
+    samplers: list[dict] = []
+    tpe = optuna.samplers.TPESampler
+    monkeypatch.setattr(optuna.samplers, "TPESampler", lambda **kwargs: samplers.append(kwargs) or tpe(**kwargs))
     space = load_space("demo", {"searcher.startup_trials": 2, "search_seed": 7})
-    searcher = make_searcher("tpe", space, concurrent=1)
-    assert isinstance(searcher, PruningAwareOptunaSearch)
-    sampler = searcher._sampler
-    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
+    assert isinstance(make_searcher("tpe", space, concurrent=1), PruningAwareOptunaSearch)
+    assert samplers == [{"seed": 7, "n_startup_trials": 2}]
     assert searcher_description(SearchSettings(space=space, data_dir=tmp_path)).startswith("Optuna TPE (the first 2")
     # Optuna's default of 10 start-up trials would leave a 6-trial search all random: said, not hidden.
     default = load_space("demo", {"searcher.startup_trials": 10})

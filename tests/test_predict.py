@@ -37,6 +37,10 @@ def test_predict_prints_each_images_probabilities(
     # What a search logs at its end: the best checkpoint, as a model that normalises its own input.
     log_best_model(uri, run_id, SimpleNamespace(_state=run.state_dict(epoch=0)), data)
 
+    # Loading the exported program needs torch, not prado_dist's code.
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt")).read_text()
+    assert "torch==" in requirements and "prado" not in requirements
+
     images = sorted(small_demo.rglob("*.jpg"))[:3]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")

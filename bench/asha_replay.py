@@ -57,7 +57,7 @@ def curves_from_results(data_name: str, epochs: int) -> dict[str, list[float]]:
     for line in recorded:
         if Path(line.get("data", "")).name != data_name:
             continue
-        trials = line.get("pooled_trials", [])
+        trials = list(line.get("pooled_trials", []))
         for searches in line.get("trials", {}).values():  # search_efficiency.py: per seed
             trials += searches["random"]
         for trial in trials:
@@ -115,12 +115,8 @@ def asha_search(curves: np.ndarray, order, budget: int, grace: int, reduction: i
 
 
 def random_search(curves: np.ndarray, order, budget: int) -> list[float]:
-    trace, best = [], float("-inf")
-    for index in order[: budget // curves.shape[1]]:
-        for value in curves[index]:
-            best = max(best, float(value))
-            trace.append(best)
-    return trace
+    """Every trial to its full length: ASHA with no rung below it."""
+    return asha_search(curves, order, budget, grace=curves.shape[1], reduction=2, window=1)
 
 
 def first_reaching(trace: list[float], target: float) -> int | None:

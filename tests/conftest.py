@@ -42,9 +42,11 @@ def local_ray(num_cpus: int) -> Iterator[str]:
     """
     import ray
 
+    from prado_dist.distributed.resources import local_ray_init_kwargs
+
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = temp_dir
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(**{**local_ray_init_kwargs(num_cpus), "log_to_driver": False}, _temp_dir=temp_dir)
     try:
         yield temp_dir
     finally:

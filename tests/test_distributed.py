@@ -365,6 +365,22 @@ def test_autoscaling_cluster_leaves_missing_nodes_to_the_autoscaler(monkeypatch,
     assert "pass --max-concurrent K" in caplog.text
 
 
+def test_local_ray_polls_train_workers_faster_unless_told_otherwise(ray_cluster: str, monkeypatch) -> None:
+    # Every process of the job, Ray Train's controller included, gets the interval from the job's
+    # runtime environment; the controller reads it when it starts.
+    import ray
+
+    from prado_dist.distributed import resources
+
+    @ray.remote(num_cpus=0)
+    def seen_by_a_ray_worker() -> str | None:
+        return os.environ.get(resources.HEALTH_CHECK_ENV)
+
+    assert ray.get(seen_by_a_ray_worker.remote()) == str(resources.LOCAL_HEALTH_CHECK_INTERVAL_S)
+    monkeypatch.setenv(resources.HEALTH_CHECK_ENV, "3")  # a user's own setting wins
+    assert resources.local_ray_init_kwargs(2)["runtime_env"] == {"env_vars": {resources.HEALTH_CHECK_ENV: "3"}}
+
+
 def test_unschedulable_requests_are_refused_before_starting(ray_cluster: str, demo_root: Path) -> None:
     with pytest.raises(ResourceError, match=r"3 workers x 2(\.0)? CPUs = 6 CPUs, but the cluster has 4"):
         check_fits(WorkerResources(workers=3, cpus_per_worker=2))

@@ -7,8 +7,15 @@ needed to reach the random search's final best. Goal: TPE+ASHA needs at most hal
 Also measured: Tune's per-trial overhead (trial start to first reported epoch, minus that epoch).
 
     python bench/search_efficiency.py [--data DIR] [--seeds 3] [--first-seed 0] [--budget 24] [--set KEY=VALUE ...]
+        [--reuse-random]
 
 Appends one JSON line to bench/results/search_efficiency.jsonl and writes a plot next to it.
+
+`--reuse-random` takes each seed's random search from the newest recorded line with the same space,
+data, budget and settings, instead of running it again, which halves the time of comparing TPE+ASHA
+variants. That is sound because the random search is seeded and ignores the `searcher.*` and
+`scheduler.*` settings: reruns of the same seed reached the same final best (seeds 0-5, measured),
+only the time order of two concurrent trials' epochs moved its epoch count by 1-2.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import record  # noqa: E402
 
 from prado_dist.data.demo import demo_data_dir  # noqa: E402
+from prado_dist.distributed.resources import local_ray_init_kwargs  # noqa: E402
 from prado_dist.engine.reporting import plt  # noqa: E402
 from prado_dist.search import SearchSettings, load_space, run_search  # noqa: E402
 from prado_dist.search.space import parse_set  # noqa: E402
@@ -60,6 +68,29 @@ def trial_curves(outcome) -> list[dict]:
 
 def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((spent for spent, best in curve if best >= target - 1e-12), None)
+
+
+def random_only_settings(overrides: list[str]) -> list[str]:
+    """The overrides that change a random search without early stopping (not the searcher's or ASHA's)."""
+    return sorted(o for o in overrides if not o.startswith(("searcher.", "scheduler.")))
+
+
+def recorded_random(args: argparse.Namespace, data: Path, seed: int) -> tuple[list[tuple[int, float]], dict, str]:
+    """The newest recorded random search of `seed` under the same conditions: curve, per-seed fields, date."""
+    lines = (RESULTS / "search_efficiency.jsonl").read_text().splitlines() if RESULTS.is_dir() else []
+    for line in reversed(lines):
+        entry = json.loads(line)
+        same = (entry["space"], entry["data"], entry["budget_epochs"], random_only_settings(entry["overrides"])) == (
+            args.space,
+            str(data),
+            args.budget,
+            random_only_settings(args.overrides),
+        )
+        if same and str(seed) in entry.get("curves", {}):
+            fields = next(s for s in entry["seeds"] if s["seed"] == seed)
+            curve = [(int(n), float(v)) for n, v in entry["curves"][str(seed)]["random"]]
+            return curve, fields, entry["date"]
+    raise SystemExit(f"--reuse-random: no recorded random search of seed {seed} with these settings; run without it")
 
 
 def run(args: argparse.Namespace, data: Path, seed: int, algorithm: str, early_stopping: bool, root: Path):
@@ -97,21 +128,37 @@ def main() -> int:
         help="space override for both searches, e.g. --set scheduler.grace_period=2",
     )
     parser.add_argument("--plot", default="search_efficiency.png", help="file name in bench/results/")
+    parser.add_argument("--reuse-random", action="store_true", help="take the random searches from earlier lines")
     args = parser.parse_args()
     data = args.data or (PAINTINGS_DEV if PAINTINGS_DEV.is_dir() else demo_data_dir())
     if args.data is None and data != PAINTINGS_DEV:
         print(f"{PAINTINGS_DEV} not found: searching the generated demo set instead (pass --data DIR)", flush=True)
     print(f"data: {data}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(**{**local_ray_init_kwargs(args.num_cpus), "log_to_driver": False})  # as prado_dist.tune starts it
     per_seed, curves, trials, overheads = [], {}, {}, []
     seeds = range(args.first_seed, args.first_seed + args.seeds)
+    reused = {}
     for seed in seeds:
         tpe = run(args, data, seed, "tpe", True, root)
-        random = run(args, data, seed, "random", False, root)
-        tpe_curve, random_curve = best_so_far(tpe), best_so_far(random)
-        target = random_curve[-1][1]
-        needed = {"tpe_asha": epochs_to_reach(tpe_curve, target), "random": epochs_to_reach(random_curve, target)}
+        if args.reuse_random:
+            random_curve, random_fields, reused[seed] = recorded_random(args, data, seed)
+        else:
+            random = run(args, data, seed, "random", False, root)
+            random_curve = best_so_far(random)
+            random_fields = {
+                "random_final_best": random_curve[-1][1],
+                "epochs_to_reach_random_best": {"random": epochs_to_reach(random_curve, random_curve[-1][1])},
+                "random_trials": len(random.trials),
+                "random_test_accuracy": random.test["test_accuracy"],
+            }
+        tpe_curve = best_so_far(tpe)
+        # Unrounded: a recorded curve keeps 4 decimals, the per-seed fields the exact value.
+        target = random_fields["random_final_best"]
+        needed = {
+            "tpe_asha": epochs_to_reach(tpe_curve, target),
+            "random": random_fields["epochs_to_reach_random_best"]["random"],
+        }
         per_seed.append(
             {
                 "seed": seed,
@@ -120,15 +167,17 @@ def main() -> int:
                 "epochs_to_reach_random_best": needed,
                 "ratio": needed["tpe_asha"] / needed["random"] if needed["tpe_asha"] else None,
                 "tpe_trials": len(tpe.trials),
-                "random_trials": len(random.trials),
+                "random_trials": random_fields["random_trials"],
                 "tpe_stopped_early": sum(t["stopped_early"] for t in tpe.trials.values()),
                 "tpe_test_accuracy": tpe.test["test_accuracy"],
-                "random_test_accuracy": random.test["test_accuracy"],
+                "random_test_accuracy": random_fields["random_test_accuracy"],
             }
         )
         curves[seed] = (tpe_curve, random_curve)
-        trials[seed] = {"tpe_asha": trial_curves(tpe), "random": trial_curves(random)}
-        for outcome in (tpe, random):
+        trials[seed] = {"tpe_asha": trial_curves(tpe)}
+        if not args.reuse_random:
+            trials[seed]["random"] = trial_curves(random)
+        for outcome in (tpe,) if args.reuse_random else (tpe, random):
             overheads += [
                 t["first_report_s"] - t["first_epoch_s"]
                 for t in outcome.trials.values()
@@ -191,6 +240,8 @@ def main() -> int:
                 for seed, (tpe, rnd) in curves.items()
             },
             "trials": trials,
+            # seed -> date of the line whose random search was reused (--reuse-random)
+            **({"random_reused_from": reused} if reused else {}),
         }
     )
     with open(RESULTS / "search_efficiency.jsonl", "a") as file:

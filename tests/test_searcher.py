@@ -44,6 +44,20 @@ def test_early_stopped_trial_is_pruned_with_intermediate_values() -> None:
     assert stopped.value == pytest.approx(0.25)
 
 
+def test_full_trial_is_told_its_best_epoch_not_its_last() -> None:
+    # The search keeps each trial's best checkpoint, so a final dip must not hide the peak from TPE.
+    for mode, scores, told in [("max", [0.3, 0.7, 0.6, 0.5], 0.7), ("min", [0.9, 0.4, 0.6, 0.5], 0.4)]:
+        searcher = PruningAwareOptunaSearch(seed=0, max_epochs=4)
+        searcher.set_search_properties("val_balanced_accuracy", mode, SPACE)
+        searcher.suggest("dipped")
+        for epoch, score in enumerate(scores, start=1):
+            result = {"val_balanced_accuracy": score, "epochs_completed": epoch}
+            searcher.on_trial_result("dipped", result)
+        searcher.on_trial_complete("dipped", result)
+        (trial,) = searcher.study.trials
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(told)
+
+
 def test_failed_trial_is_failed_not_pruned() -> None:
     searcher = PruningAwareOptunaSearch(seed=0, max_epochs=4)
     searcher.set_search_properties("val_balanced_accuracy", "max", SPACE)

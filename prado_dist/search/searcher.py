@@ -6,6 +6,11 @@ partial-budget score, and TPE then compares it with full-budget scores as if the
 Here a trial that ended before its last epoch is told to Optuna as PRUNED: Optuna keeps its
 intermediate values (reported every epoch by `on_trial_result`) and TPE treats it as a trial
 that was cut short, as Optuna's own pruners do.
+
+A trial that trained all its epochs is told its *best* epoch's value, not its last: the search
+keeps every trial's best checkpoint and picks the best of them (`runner.summarise`), so that is
+what a configuration is worth to it. With the last value, a trial whose final epoch dipped
+looked worse to TPE than the checkpoint it had produced.
 """
 
 from __future__ import annotations
@@ -34,9 +39,19 @@ class PruningAwareOptunaSearch(OptunaSearch):
             return
         self._ot_trials[trial_id].report(result[self.metric], int(result.get(EPOCHS_COMPLETED, 0)))
 
+    def best_reported(self, trial_id: str) -> float | None:
+        """The best of a trial's per-epoch values (Optuna's intermediate values, kept in the study)."""
+        values = self._ot_study.get_trials(deepcopy=False)[self._ot_trials[trial_id].number].intermediate_values
+        choose = max if self._mode == "max" else min
+        return choose(values.values()) if values else None
+
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if error or trial_id in self._completed_trials or not self.stopped_early(result):
+        if error or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result, error)
+            return
+        if not self.stopped_early(result):
+            best = self.best_reported(trial_id)
+            super().on_trial_complete(trial_id, result if best is None else {**result, self.metric: best}, error)
             return
         # PRUNED takes no value: Optuna uses the trial's last intermediate value.
         self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)

@@ -44,9 +44,9 @@ def test_early_stopped_trial_is_pruned_with_intermediate_values() -> None:
     assert stopped.value == pytest.approx(0.25)
 
 
-def test_full_trial_is_told_its_best_epoch_not_its_last() -> None:
-    # The search keeps each trial's best checkpoint, so a final dip must not hide the peak from TPE.
-    for mode, scores, told in [("max", [0.3, 0.7, 0.6, 0.5], 0.7), ("min", [0.9, 0.4, 0.6, 0.5], 0.4)]:
+def test_full_trial_is_told_its_last_epoch_not_its_best() -> None:
+    # Its best epoch is a selected, luckier estimate; telling it did not help (searcher.py docstring).
+    for mode, scores, told in [("max", [0.3, 0.7, 0.6, 0.5], 0.5), ("min", [0.9, 0.4, 0.6, 0.5], 0.5)]:
         searcher = PruningAwareOptunaSearch(seed=0, max_epochs=4)
         searcher.set_search_properties("val_balanced_accuracy", mode, SPACE)
         searcher.suggest("dipped")

@@ -141,10 +141,13 @@ def main() -> int:
     reused = {}
     for seed in seeds:
         tpe = run(args, data, seed, "tpe", True, root)
+        outcomes, trials[seed] = [tpe], {"tpe_asha": trial_curves(tpe)}
         if args.reuse_random:
             random_curve, random_fields, reused[seed] = recorded_random(args, data, seed)
         else:
             random = run(args, data, seed, "random", False, root)
+            outcomes.append(random)
+            trials[seed]["random"] = trial_curves(random)
             random_curve = best_so_far(random)
             random_fields = {
                 "random_final_best": random_curve[-1][1],
@@ -174,10 +177,7 @@ def main() -> int:
             }
         )
         curves[seed] = (tpe_curve, random_curve)
-        trials[seed] = {"tpe_asha": trial_curves(tpe)}
-        if not args.reuse_random:
-            trials[seed]["random"] = trial_curves(random)
-        for outcome in (tpe,) if args.reuse_random else (tpe, random):
+        for outcome in outcomes:
             overheads += [
                 t["first_report_s"] - t["first_epoch_s"]
                 for t in outcome.trials.values()

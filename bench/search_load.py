@@ -34,6 +34,7 @@ from pathlib import Path
 import ray
 
 from prado_dist.data.demo import make_demo_dataset
+from prado_dist.distributed.resources import local_ray_init_kwargs
 from prado_dist.search import SearchSettings, load_space, run_search
 from prado_dist.search.runner import leftover_resources
 
@@ -131,7 +132,7 @@ def main() -> int:
     )
     load_before = os.getloadavg()
     before_ray, fds_before_ray = snapshot(), descriptor_targets()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(**{**local_ray_init_kwargs(args.num_cpus), "log_to_driver": False}, _temp_dir=temp_dir)  # as tune does
     before = snapshot()
     started = time.monotonic()
     outcome = run_search(settings)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
     parser.add_argument("--dropout", type=float, default=DEFAULTS.dropout)
     parser.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum; default: Keras 0.01")
+    parser.add_argument(
+        "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (e.g. 0.97)"
+    )
     parser.add_argument("--pretrained", type=Path, default=None, help="transfer models: local weight file")
     parser.add_argument("--unfreeze-stages", type=int, default=0, help="transfer models: stages to fine-tune")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -90,6 +93,7 @@ def config_from_args(args: argparse.Namespace, data_dir: Path | None) -> TrainCo
         "label_smoothing": args.label_smoothing,
         "dropout": args.dropout,
         "bn_momentum": args.bn_momentum,
+        "ema_decay": args.ema_decay,
         "pretrained": args.pretrained,
         "unfreeze_stages": args.unfreeze_stages,
         "seed": args.seed,

@@ -169,6 +169,8 @@ def test_train_cli_with_two_workers_writes_report(demo_root: Path, tmp_path: Pat
         "2",
         "--bn-momentum",
         "0.3",
+        "--ema-decay",  # averaged weights under DDP: validated, checkpointed and tested
+        "0.9",
         "--data",
         str(demo_root / "demo"),
         "--out",
@@ -184,7 +186,8 @@ def test_train_cli_with_two_workers_writes_report(demo_root: Path, tmp_path: Pat
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
     assert [entry["epoch"] for entry in json.loads((out / "history.json").read_text())] == [0, 1]
-    assert json.loads((out / "config.json").read_text())["bn_momentum"] == 0.3
+    config = json.loads((out / "config.json").read_text())
+    assert config["bn_momentum"] == 0.3 and config["ema_decay"] == 0.9
 
 
 # --- data parallelism equals the single process ----------------------------------------------------

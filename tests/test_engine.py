@@ -16,6 +16,7 @@ from prado_dist.engine import (
     Counts,
     NonFiniteLossError,
     TrainingRun,
+    evaluate_checkpoint,
     exponential_decay_after,
     load_checkpoint,
     metrics_from_counts,
@@ -79,8 +80,11 @@ def test_seeded_runs_are_reproducible(tiny_data: PreparedData, small_demo: Path)
         assert first[0][key] == second[0][key]
 
 
-def test_resume_continues_with_same_state_and_schedule(tiny_data: PreparedData, small_demo: Path, tmp_path) -> None:
-    settings = {"epochs": 3, "decay_start": 1, "decay": 0.5}
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+def test_resume_continues_with_same_state_and_schedule(
+    tiny_data: PreparedData, small_demo: Path, tmp_path, ema_decay: float | None
+) -> None:
+    settings = {"epochs": 3, "decay_start": 1, "decay": 0.5, "ema_decay": ema_decay}
     straight = TrainingRun(config(small_demo, **settings), tiny_data)
     straight.fit()
 
@@ -95,6 +99,36 @@ def test_resume_continues_with_same_state_and_schedule(tiny_data: PreparedData, 
     assert [m["lr"] for m in history[1:]] == pytest.approx([m["lr"] for m in straight.history[1:]])
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    for name, value in straight.evaluated_network.state_dict().items():  # the average resumes too
+        torch.testing.assert_close(resumed.evaluated_network.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_average_is_what_is_validated_and_checkpointed(tiny_data: PreparedData, small_demo: Path) -> None:
+    plain = TrainingRun(config(small_demo), tiny_data)
+    plain.fit()
+    averaged = TrainingRun(config(small_demo, ema_decay=0.5), tiny_data)
+    averaged.fit()
+    # Training is untouched by the average: same losses, same trained weights.
+    assert [m["train_loss"] for m in averaged.history] == [m["train_loss"] for m in plain.history]
+    state = averaged.state_dict(epoch=1)
+    for name, value in plain.network.state_dict().items():
+        torch.testing.assert_close(state["trained_model"][name], value)
+    assert averaged.ema_steps == state["ema_steps"] == 2 * len(averaged.loaders["train"])
+    # The checkpoint's "model" is the average, which differs from the trained weights...
+    assert any(not torch.equal(state["model"][name], value) for name, value in state["trained_model"].items())
+    # ...and it is what the run validated: a checkpoint evaluation of "model" repeats the last epoch.
+    metrics, _ = evaluate_checkpoint(state, tiny_data, "val", device="cpu")
+    assert metrics["val_loss"] == pytest.approx(averaged.history[-1]["val_loss"], rel=1e-5)
+    assert averaged.history[-1]["val_loss"] != pytest.approx(plain.history[-1]["val_loss"], rel=1e-5)
+
+
+def test_checkpoints_resume_only_with_the_same_averaging(tiny_data: PreparedData, small_demo: Path) -> None:
+    with_average = TrainingRun(config(small_demo, ema_decay=0.9), tiny_data).state_dict(epoch=0)
+    without = TrainingRun(config(small_demo), tiny_data).state_dict(epoch=0)
+    with pytest.raises(CheckpointError, match="with an average.*ema_decay=None"):
+        TrainingRun(config(small_demo), tiny_data).load_state_dict(with_average)
+    with pytest.raises(CheckpointError, match="without an average.*ema_decay=0.9"):
+        TrainingRun(config(small_demo, ema_decay=0.9), tiny_data).load_state_dict(without)
 
 
 def test_nan_loss_stops_with_epoch_and_step(tiny_data: PreparedData, small_demo: Path) -> None:
@@ -126,6 +160,8 @@ def test_config_rejects_unknown_and_invalid_settings() -> None:
         TrainConfig().with_overrides({"learning_rate": 0.1})
     with pytest.raises(ConfigError, match="epochs"):
         TrainConfig().with_overrides({"epochs": 0})
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainConfig().with_overrides({"ema_decay": 1.0})  # an average that never moves
 
 
 @pytest.mark.parametrize("name", [name for name in list_models() if name not in list_models(family="transfer")])

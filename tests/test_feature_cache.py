@@ -147,9 +147,11 @@ def test_second_run_reuses_the_features_with_zero_backbone_passes(
     assert history[-1]["train_loss"] != first.history[-1]["train_loss"]
 
 
-def test_cached_training_gives_the_uncached_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+def test_cached_training_gives_the_uncached_results(tmp_path: Path, ema_decay: float | None) -> None:
     data = tiny_data()
-    settings = {"dropout": 0.3, "epochs": 2}  # dropout: the head's randomness must line up too
+    # dropout: the head's randomness must line up too; ema_decay: validated on the averaged head
+    settings = {"dropout": 0.3, "epochs": 2, "ema_decay": ema_decay}
     # Built and trained one after the other: dropout draws from the global RNG, seeded by each run.
     cached = TrainingRun(transfer_config(tmp_path, **settings), data)
     cached.fit()
@@ -159,8 +161,8 @@ def test_cached_training_gives_the_uncached_results(tmp_path: Path) -> None:
     for with_cache, without in zip(cached.history, uncached.history, strict=True):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_balanced_accuracy", "lr"):
             assert with_cache[key] == pytest.approx(without[key], rel=1e-4, abs=1e-6), key
-    for key, value in uncached.network.state_dict().items():
-        torch.testing.assert_close(cached.network.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+    for key, value in uncached.evaluated_network.state_dict().items():
+        torch.testing.assert_close(cached.evaluated_network.state_dict()[key], value, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -200,9 +202,10 @@ def test_key_follows_weights_seed_and_data(tmp_path: Path) -> None:
     assert feature_key(model(1), data) != feature_key(model(1), tiny_data(seed=1))
 
 
-def test_checkpoint_of_a_cached_run_evaluates_and_exports_on_images(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+def test_checkpoint_of_a_cached_run_evaluates_and_exports_on_images(tmp_path: Path, ema_decay: float | None) -> None:
     data = tiny_data()
-    config = transfer_config(tmp_path, epochs=1)
+    config = transfer_config(tmp_path, epochs=1, ema_decay=ema_decay)
     run = TrainingRun(config, data)
     run.fit()
     state = run.state_dict(0)
@@ -218,7 +221,8 @@ def test_checkpoint_of_a_cached_run_evaluates_and_exports_on_images(tmp_path: Pa
     images = torch.from_numpy(data.images[:4].transpose(0, 3, 1, 2).copy()).float()
     probabilities = classifier(images)
     features = compute_features(run.network, data.images[:4], device=torch.device("cpu"))
-    torch.testing.assert_close(probabilities, run.model.eval()(features).softmax(dim=1), rtol=1e-4, atol=1e-5)
+    head = FeatureHead(run.evaluated_network).eval()  # the averaged head, with ema_decay
+    torch.testing.assert_close(probabilities, head(features).softmax(dim=1), rtol=1e-4, atol=1e-5)
     assert fresh._loaders is None  # exporting never touched the features
 
 

@@ -96,9 +96,10 @@ def train_one_epoch(
             logits = model(inputs)
         per_sample = loss_fn(logits, labels)
         loss = per_sample.mean()
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"training loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning "
+                f"training loss became {loss_value} at epoch {epoch}, step {step}; lower the learning "
                 "rate (--lr) or check the input data"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -106,7 +107,7 @@ def train_one_epoch(
         optimizer.step()
         counts.add(logits.detach(), labels, float(per_sample.detach().sum()))
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss_value)
     seconds = time.perf_counter() - started
     counts = counts.all_reduced()
     metrics = metrics_from_counts(counts, classes, prefix="train_")

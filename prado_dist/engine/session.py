@@ -9,6 +9,9 @@ With a frozen transfer backbone and no augmentation the run trains the head alon
 features (features.py): `network` is always the whole model (checkpoints, export), `model` is what
 the loops train and evaluate (the head, or the whole model), and `pipeline` turns a loader's batch
 into `model`'s input.
+
+With `ema_decay` the run also keeps a moving average of `network`'s weights, and that average is
+what it validates, checkpoints as "model" and exports; training itself is unchanged.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, prepare_data, split_counts
+from prado_dist.engine.checkpoint import CheckpointError
 from prado_dist.engine.features import (
     FeatureDataset,
     FeatureHead,
@@ -147,7 +152,10 @@ class TrainingRun:
                 # 32 images), not over each GPU's shard. SyncBatchNorm exists for GPUs only: on the
                 # CPU every worker normalises its own shard (docs/distributed.md).
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.network = model  # the whole model: what checkpoints store and exports run
+        self.network = model  # the whole model as trained
+        # The averaged copy: validation, checkpoints' "model" and exports use it (None: `network`).
+        self.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+        self.ema_steps = 0  # optimiser steps averaged so far: the warm-up's clock, kept in checkpoints
         self.image_pipeline = InputPipeline(config.flip_prob, config.pca_std, getattr(model, "pixel_mean_std", None))
         self.use_features, message = feature_cache_decision(config, model)
         self.features_built = False  # True once this run (not an earlier one) ran the backbone over the data
@@ -252,6 +260,7 @@ class TrainingRun:
             classes=self.classes,
             generator=generator,
             autocast_dtype=self.autocast_dtype,
+            on_step=self._update_average if self.ema is not None else None,
         )
         self.scheduler.step()
         val_metrics, _ = self.evaluate("val")
@@ -262,10 +271,23 @@ class TrainingRun:
             metrics.update(feature_cache=float(self.use_features), feature_cache_built=float(self.features_built))
         return metrics
 
+    def _update_average(self, step: int, loss: float) -> None:
+        self.ema_steps += 1
+        self.ema.update(self.network, step=self.ema_steps)
+
+    @property
+    def evaluated_network(self) -> nn.Module:
+        """The whole model that is validated, checkpointed and exported: the average, if the run keeps one."""
+        return self.ema.module if self.ema is not None else self.network
+
     def evaluate(self, split: str = "val") -> tuple[dict[str, float], Any]:
         """Metrics of the current model over a whole split (and the summed confusion counts)."""
+        if self.ema is None:
+            model = unwrap(self.model)  # no DDP needed to evaluate: each rank reads its own shard
+        else:
+            model = FeatureHead(self.ema.module) if self.use_features else self.ema.module
         return evaluate(
-            unwrap(self.model),  # no DDP needed to evaluate: each rank reads its own shard
+            model,
             self.loaders[split],
             self.loss_fn,
             self.pipeline,
@@ -286,9 +308,13 @@ class TrainingRun:
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict[str, Any]:
-        """A weights-only-loadable checkpoint of the state after `epoch`."""
-        return {
-            "model": self.network.state_dict(),
+        """A weights-only-loadable checkpoint of the state after `epoch`.
+
+        "model" holds the weights to evaluate and export (the average, with `ema_decay`); a run that
+        averages also stores the weights it trains on, to resume from them.
+        """
+        state = {
+            "model": self.evaluated_network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
@@ -297,18 +323,33 @@ class TrainingRun:
             "history": self.history,
             "data_fingerprint": self.data.fingerprint,
         }
+        if self.ema is not None:
+            state.update(trained_model=self.network.state_dict(), ema_steps=self.ema_steps)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the checkpointed epoch with the same weights, optimiser state and schedule."""
+        if (self.ema is not None) != ("trained_model" in state):
+            raise CheckpointError(
+                f"the checkpoint was saved by a run {'with' if 'trained_model' in state else 'without'} an average "
+                f"of its weights, and this run has ema_decay={self.config.ema_decay}: resume it with the "
+                "settings it was saved with"
+            )
         self.load_model_state(state["model"])
+        if self.ema is not None:
+            self.network.load_state_dict(state["trained_model"])  # training goes on from the trained weights
+            self.ema_steps = int(state["ema_steps"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state.get("history", []))
         self.start_epoch = int(state["epoch"]) + 1
 
     def load_model_state(self, model_state: dict[str, torch.Tensor]) -> None:
-        """Load the whole model's weights (a checkpoint's "model"); cached features follow the new backbone."""
+        """Load the whole model's weights (a checkpoint's "model") to evaluate or export them; cached
+        features follow the new backbone."""
         self.network.load_state_dict(model_state)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(model_state)
         if self.use_features:
             self._loaders = None  # features are keyed by the backbone's weights: reopen (or build) them
 

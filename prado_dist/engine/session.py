@@ -6,12 +6,11 @@ rank, the world size and a function that wraps the model for data parallelism. N
 imports Ray.
 
 With a frozen transfer backbone and no augmentation the run trains the head alone on cached
-features (features.py): `network` is always the whole model (checkpoints, export), `model` is what
-the loops train and evaluate (the head, or the whole model), and `pipeline` turns a loader's batch
-into `model`'s input.
+features (features.py): `network` is always the whole model, `model` is what the loops train (the
+head, or the whole model), and `pipeline` turns a loader's batch into `model`'s input.
 
-With `ema_decay` the run also keeps a moving average of `network`'s weights, and that average is
-what it validates, checkpoints as "model" and exports; training itself is unchanged.
+`evaluated_network` is what the run validates, checkpoints as "model" and exports: `network`
+itself, or with `ema_decay` a moving average of its weights (training itself is unchanged).
 """
 
 from __future__ import annotations

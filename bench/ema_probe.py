@@ -57,6 +57,7 @@ def main() -> None:
         raise SystemExit(f"no data at {args.data}: pass --data DIR (a folder per painter)")
 
     runs = []
+    data = load_data(TrainConfig(data_dir=args.data, image_size=args.image_size))  # decoded once, shared by all runs
     for lr in args.lrs:
         decay, decay_start = CONFIGS.get(lr, (0.05, 10))
         train_losses = []
@@ -73,7 +74,7 @@ def main() -> None:
                 ema_decay=None if ema == "none" else float(ema),
             )
             started = time.perf_counter()
-            history = TrainingRun(config, load_data(config)).fit()
+            history = TrainingRun(config, data).fit()
             curve = [m["val_balanced_accuracy"] for m in history]
             train_losses.append([m["train_loss"] for m in history])
             runs.append({"lr": lr, "ema_decay": ema, "seconds": time.perf_counter() - started, "curve": curve})

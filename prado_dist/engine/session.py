@@ -283,8 +283,8 @@ class TrainingRun:
         """Metrics of the current model over a whole split (and the summed confusion counts)."""
         if self.ema is None:
             model = unwrap(self.model)  # no DDP needed to evaluate: each rank reads its own shard
-        else:
-            model = FeatureHead(self.ema.module) if self.use_features else self.ema.module
+        else:  # the average, on what the loops feed it (cached features or images)
+            model = FeatureHead(self.evaluated_network) if self.use_features else self.evaluated_network
         return evaluate(
             model,
             self.loaders[split],

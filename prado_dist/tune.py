@@ -83,7 +83,14 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
     )
 
 
-def print_summary(outcome: SearchOutcome, metric: str) -> None:
+def how_to_open(mlflow_uri: str) -> str:
+    """Where a person looks at the recorded runs: the server's page, or `mlflow ui` on the store."""
+    if mlflow_uri.startswith(("http://", "https://")):
+        return f"open {mlflow_uri} in a browser"
+    return f"open with: mlflow ui --backend-store-uri {mlflow_uri}"
+
+
+def print_summary(outcome: SearchOutcome, metric: str, mlflow_uri: str) -> None:
     print("\n=== Search finished ===")
     print(f"Best trial {outcome.best_trial_id}: {outcome.best_config}")
     print(
@@ -101,10 +108,7 @@ def print_summary(outcome: SearchOutcome, metric: str) -> None:
     stopped = sum(t["stopped_early"] for t in outcome.trials.values())
     failed = sum(t["status"] == "error" for t in outcome.trials.values())
     print(f"  {len(outcome.trials)} trials, {stopped} stopped early, {failed} failed")
-    print(
-        f"Results: {outcome.path}/summary; MLflow parent run {outcome.parent_run_id} "
-        "(open with: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
-    )
+    print(f"Results: {outcome.path}/summary; MLflow parent run {outcome.parent_run_id} ({how_to_open(mlflow_uri)})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ResourceError, SearchError, TrackingError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_summary(outcome, settings.space.metric)
+    print_summary(outcome, settings.space.metric, settings.mlflow_uri)
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from prado_dist.config import ConfigError, TrainConfig
 from prado_dist.data import PreparedData, prepare_data
@@ -23,6 +24,7 @@ from prado_dist.engine import (
     save_checkpoint,
 )
 from prado_dist.engine.loop import weighted_cross_entropy
+from prado_dist.engine.reporting import ParameterAxis, parameter_points, plot_parameter_effects
 from prado_dist.models import create_model, list_models
 
 CLASSES = ["goya", "bayeu", "haes", "pizarro", "ribera"]
@@ -180,3 +182,29 @@ def test_exported_classifier_takes_any_batch_size(name: str) -> None:
     for batch in (1, 3):
         images = torch.rand(batch, 3, 32, 32) * 255
         torch.testing.assert_close(program.module()(images), classifier(images))
+
+
+# --- search figures ---------------------------------------------------------------------------------
+SEARCHED = {
+    "lr": ParameterAxis(log=True),
+    "flip_prob": ParameterAxis(categories=(0.0, 0.5)),
+    "pca_std": ParameterAxis(),
+}
+TRIALS = {
+    "a": {"config": {"lr": 1e-3, "flip_prob": 0.5, "pca_std": 0.1}, "best": 0.61, "stopped_early": False},
+    "b": {"config": {"lr": 3e-4, "flip_prob": 0.0, "pca_std": 0.2}, "best": 0.35, "stopped_early": True},
+    "failed": {"config": {"lr": 1e-2, "flip_prob": 0.0, "pca_std": 0.0}, "best": None, "stopped_early": True},
+}
+
+
+def test_parameter_points_place_choices_by_category_and_leave_out_unscored_trials() -> None:
+    assert parameter_points(TRIALS.values(), "lr", SEARCHED["lr"]) == ([1e-3, 3e-4], [0.61, 0.35], [False, True])
+    assert parameter_points(TRIALS.values(), "flip_prob", SEARCHED["flip_prob"])[0] == [1.0, 0.0]
+    outside = {"config": {"flip_prob": 0.25}, "best": 0.5, "stopped_early": False}
+    assert parameter_points([outside], "flip_prob", SEARCHED["flip_prob"]) == ([], [], [])
+
+
+def test_parameter_effects_draw_one_panel_per_searched_parameter(tmp_path: Path) -> None:
+    path = plot_parameter_effects(TRIALS, SEARCHED, "val_balanced_accuracy", tmp_path / "effects.png", best="a")
+    width, height = Image.open(path).size
+    assert (width, height) == (round(3 * 3.4 * 110), round(2.9 * 110))  # 3 panels side by side, one row

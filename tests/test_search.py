@@ -20,6 +20,7 @@ import pytest
 
 from prado_dist.search import SearchSettings, load_space, run_search
 from prado_dist.search.runner import leftover_resources
+from prado_dist.tune import how_to_open
 from tests.conftest import local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -101,7 +102,7 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
 
     artifacts = rest(mlflow_server, "artifacts/list", run_id=outcome.parent_run_id)
     names = {entry["path"] for entry in artifacts.get("files", [])}
-    assert {"trial_curves.png", "test_confusion_matrix.png", "summary.json"} <= names
+    assert {"trial_curves.png", "parameter_effects.png", "test_confusion_matrix.png", "summary.json"} <= names
     models = rest(mlflow_server, "logged-models/search", {"experiment_ids": [experiment_id]}).get("models", [])
     assert any(m["info"].get("source_run_id") == outcome.parent_run_id for m in models)
 
@@ -173,6 +174,17 @@ def test_search_stopped_by_its_epoch_budget_leaves_nothing_for_the_next(small_de
     assert 3 <= epochs < 6 * 2  # stopped by the budget (a running trial may finish its epoch)
     assert [trial["epochs"] for trial in second.trials.values()] == [1]
     assert after_second["placement_groups"] == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite:////data/searches.db", "open with: mlflow ui --backend-store-uri sqlite:////data/searches.db"),
+        ("http://10.0.0.5:5000", "open http://10.0.0.5:5000 in a browser"),
+    ],
+)
+def test_summary_says_how_to_open_the_store_it_wrote_to(uri: str, expected: str) -> None:
+    assert how_to_open(uri) == expected
 
 
 def tune_command(storage: Path, db: Path, *extra: str) -> list[str]:
@@ -256,6 +268,7 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(small_demo: Pa
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "=== Search finished ===" in second.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in second.stdout  # the store it wrote to
     summary = json.loads((storage / "resumable" / "summary" / "summary.json").read_text())
     assert len(summary["trials"]) == 4  # none lost, none added twice
     with sqlite3.connect(db) as connection:

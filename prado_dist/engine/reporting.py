@@ -1,10 +1,14 @@
-"""What a person looks at after a run: per-epoch lines, a confusion matrix, learning curves."""
+"""What a person looks at after a run or a search: per-epoch lines, a confusion matrix, learning
+curves, every trial's validation curve and each searched parameter's effect."""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -117,6 +121,74 @@ def plot_trial_curves(
     axes.set_title(f"{metric} of every trial")
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+@dataclass(frozen=True)
+class ParameterAxis:
+    """How a searched parameter is drawn: on a log scale, or as the categories of a choice (in order)."""
+
+    log: bool = False
+    categories: tuple[Any, ...] = ()
+
+
+def parameter_points(
+    trials: Iterable[dict[str, Any]], name: str, axis: ParameterAxis
+) -> tuple[list[float], list[float], list[bool]]:
+    """Each scored trial's value of `name` (a category's position for a choice), best score, and
+    whether it was stopped early. Trials that failed before scoring have no point, nor has a value
+    outside a choice's categories (a search resumed with an edited space)."""
+    positions, scores, stopped = [], [], []
+    for trial in trials:
+        value = trial["config"].get(name)
+        if trial.get("best") is None or value is None or (axis.categories and value not in axis.categories):
+            continue
+        positions.append(float(axis.categories.index(value)) if axis.categories else float(value))
+        scores.append(float(trial["best"]))
+        stopped.append(bool(trial["stopped_early"]))
+    return positions, scores, stopped
+
+
+FULL_TRIAL = {"color": "tab:blue", "label": "ran all epochs"}
+STOPPED_TRIAL = {"facecolors": "none", "edgecolors": "tab:blue", "label": "stopped early"}
+
+
+def plot_parameter_effects(
+    trials: dict[str, dict[str, Any]], axes_by_name: dict[str, ParameterAxis], metric: str, path: Path, best: str
+) -> Path:
+    """One panel per searched parameter: every trial's best `metric` against the value it tried.
+
+    Optuna's `plot_slice` draws only trials that ran to the end; here trials ASHA stopped are drawn
+    too, hollow, because their scores are partial-budget ones and usually most of a search's trials.
+    """
+    columns = min(4, len(axes_by_name))
+    rows = math.ceil(len(axes_by_name) / columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.9 * rows), squeeze=False, sharey=True)
+    for panel, (name, axis) in zip(grid.flat, axes_by_name.items(), strict=False):
+        positions, scores, stopped = parameter_points(trials.values(), name, axis)
+        for cut_short, style in ((False, FULL_TRIAL), (True, STOPPED_TRIAL)):
+            points = [(x, y) for x, y, early in zip(positions, scores, stopped, strict=True) if early == cut_short]
+            if points:
+                panel.scatter(*zip(*points, strict=True), s=22, **style)
+        best_points = parameter_points([trials[best]], name, axis)
+        if best_points[0]:
+            panel.scatter(best_points[0], best_points[1], marker="*", color="tab:red", s=140, label="best trial")
+        if axis.log:
+            panel.set_xscale("log")
+        if axis.categories:
+            panel.set_xticks(range(len(axis.categories)), [str(value) for value in axis.categories])
+            panel.set_xlim(-0.5, len(axis.categories) - 0.5)
+        panel.set_xlabel(name)
+        panel.grid(alpha=0.3)
+    for panel in grid[:, 0]:
+        panel.set_ylabel(f"best {metric}")
+    for panel in list(grid.flat)[len(axes_by_name) :]:
+        panel.set_visible(False)
+    grid.flat[0].legend(fontsize=7, loc="best")
+    figure.suptitle(f"each trial's best {metric} against the value it tried")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

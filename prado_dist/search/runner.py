@@ -30,9 +30,15 @@ from prado_dist.data import PreparedData
 from prado_dist.distributed import WorkerResources, check_fits, load_ray_checkpoint, max_concurrent_runs, storage_uri
 from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_data
 from prado_dist.engine.export import PaintingClassifier
-from prado_dist.engine.reporting import plot_confusion, plot_trial_curves, write_confusion_csv
+from prado_dist.engine.reporting import (
+    ParameterAxis,
+    plot_confusion,
+    plot_parameter_effects,
+    plot_trial_curves,
+    write_confusion_csv,
+)
 from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
-from prado_dist.search.space import SearchSpace
+from prado_dist.search.space import Choice, LogUniform, SearchSpace
 from prado_dist.search.tracking import EndedTrial, SearchTracker, connect, git_commit
 from prado_dist.search.trial import (
     TRIAL_DRIVER_RESOURCES,
@@ -503,6 +509,9 @@ def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, 
     write_confusion_csv(confusion, data.classes, artifacts / "test_confusion_matrix.csv")
     curves = {trial_id: trial["curve"] for trial_id, trial in outcome.trials.items()}
     plot_trial_curves(curves, space.metric, artifacts / "trial_curves.png", highlight=[outcome.best_trial_id])
+    plot_parameter_effects(
+        outcome.trials, parameter_axes(space), space.metric, artifacts / "parameter_effects.png", outcome.best_trial_id
+    )
     summary = {
         "best_trial": outcome.best_trial_id,
         "best_config": outcome.best_config,
@@ -525,6 +534,16 @@ def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, 
         client.set_terminated(run_id, status="FINISHED")
     except Exception as err:
         logger.warning("could not record the search summary in MLflow (%s); it is in %s", err, artifacts)
+
+
+def parameter_axes(space: SearchSpace) -> dict[str, ParameterAxis]:
+    """How each searched parameter is plotted: as it is drawn (log-uniform on a log axis)."""
+    return {
+        name: ParameterAxis(
+            log=isinstance(spec, LogUniform), categories=tuple(spec.values) if isinstance(spec, Choice) else ()
+        )
+        for name, spec in space.params.items()
+    }
 
 
 def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: PreparedData) -> None:

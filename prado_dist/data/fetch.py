@@ -221,6 +221,14 @@ def fetch_images(
         stale.unlink(missing_ok=True)
 
     summary = FetchSummary()
+    todo = plan_downloads(rows, images_dir, summary)
+    _download_all(todo, summary, concurrency=concurrency, retries=retries, timeout=timeout, backoff=backoff)
+    return summary
+
+
+def plan_downloads(rows: list[dict[str, str]], images_dir: Path, summary: FetchSummary) -> dict[str, Path]:
+    """url -> destination of every image still to download; counts present files in `summary` and
+    records there the rows that cannot be downloaded (no URL, a bad or clashing file name)."""
     todo: dict[str, Path] = {}
     names: dict[str, str] = {}
     seen_urls: set[str] = set()
@@ -246,19 +254,19 @@ def fetch_images(
             summary.skipped += 1
         else:
             todo[url] = destination
+    return todo
 
+
+def _download_all(
+    todo: dict[str, Path], summary: FetchSummary, *, concurrency: int, retries: int, timeout: float, backoff: float
+) -> None:
+    """Download `todo` on `concurrency` threads with a progress bar; results go into `summary`."""
     stop = threading.Event()
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
     try:
         futures = {
             executor.submit(
-                _download_with_retries,
-                url,
-                destination,
-                retries=retries,
-                timeout=timeout,
-                backoff=backoff,
-                stop=stop,
+                _download_with_retries, url, destination, retries=retries, timeout=timeout, backoff=backoff, stop=stop
             ): url
             for url, destination in todo.items()
         }
@@ -281,7 +289,6 @@ def fetch_images(
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
-    return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

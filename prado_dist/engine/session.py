@@ -138,19 +138,7 @@ class TrainingRun:
         seed_everything(config.seed)
 
         train_counts = split_counts(data)["train"]
-        model = create_model(config.model, num_classes=len(self.classes), **self._model_kwargs(train_counts))
-        if config.bn_momentum is not None:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.momentum = config.bn_momentum
-        model = model.to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-            if world_size > 1:
-                # BatchNorm statistics over the whole global batch, as in one process (the report's
-                # 32 images), not over each GPU's shard. SyncBatchNorm exists for GPUs only: on the
-                # CPU every worker normalises its own shard (docs/distributed.md).
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = self._build_network(train_counts)
         self.network = model  # the whole model as trained
         # The averaged copy: validation, checkpoints' "model" and exports use it (None: `network`).
         self.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
@@ -159,15 +147,8 @@ class TrainingRun:
         self.use_features, message = feature_cache_decision(config, model)
         self.features_built = False  # True once this run (not an earlier one) ran the backbone over the data
         self.features_seconds = 0.0  # spent getting the features: the backbone pass, or opening the file
-        if message and rank == 0:
-            announce_once(message, logging.INFO if self.use_features else logging.WARNING)
-        if isinstance(model, TransferModel) and config.pretrained is None and rank == 0:
-            announce_once(
-                f"{config.model}: no pretrained weights given, so the backbone is randomly initialised (seed "
-                f"{config.seed}) and is not the report's ImageNet feature extractor; pass pretrained=PATH or "
-                "hf-cache (docs/transfer.md)",
-                logging.WARNING,
-            )
+        if rank == 0:
+            self._announce_choices(message, model)
         trained = FeatureHead(model) if self.use_features else model
         self.pipeline = FeaturePipeline() if self.use_features else self.image_pipeline
         weights = torch.tensor(class_weights(train_counts), dtype=torch.float32, device=self.device)
@@ -186,6 +167,36 @@ class TrainingRun:
         self._loaders: dict[str, DataLoader] | None = None
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
+
+    def _build_network(self, train_counts: list[int]) -> nn.Module:
+        """The configured model on this run's device, in the layout and BatchNorm this run trains with."""
+        config = self.config
+        model = create_model(config.model, num_classes=len(self.classes), **self._model_kwargs(train_counts))
+        if config.bn_momentum is not None:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = config.bn_momentum
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+            if self.world_size > 1:
+                # BatchNorm statistics over the whole global batch, as in one process (the report's
+                # 32 images), not over each GPU's shard. SyncBatchNorm exists for GPUs only: on the
+                # CPU every worker normalises its own shard (docs/distributed.md).
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def _announce_choices(self, feature_message: str | None, model: nn.Module) -> None:
+        """Say once whether backbone features are cached, and when a transfer backbone is untrained."""
+        if feature_message:
+            announce_once(feature_message, logging.INFO if self.use_features else logging.WARNING)
+        if isinstance(model, TransferModel) and self.config.pretrained is None:
+            announce_once(
+                f"{self.config.model}: no pretrained weights given, so the backbone is randomly initialised (seed "
+                f"{self.config.seed}) and is not the report's ImageNet feature extractor; pass pretrained=PATH or "
+                "hf-cache (docs/transfer.md)",
+                logging.WARNING,
+            )
 
     def _model_kwargs(self, train_counts: list[int]) -> dict[str, Any]:
         config = self.config

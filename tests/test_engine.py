@@ -204,7 +204,12 @@ def test_parameter_points_place_choices_by_category_and_leave_out_unscored_trial
     assert parameter_points([outside], "flip_prob", SEARCHED["flip_prob"]) == ([], [], [])
 
 
-def test_parameter_effects_draw_one_panel_per_searched_parameter(tmp_path: Path) -> None:
-    path = plot_parameter_effects(TRIALS, SEARCHED, "val_balanced_accuracy", tmp_path / "effects.png", best="a")
-    width, height = Image.open(path).size
-    assert (width, height) == (round(3 * 3.4 * 110), round(2.9 * 110))  # 3 panels side by side, one row
+@pytest.mark.parametrize(("searched", "grid"), [(3, (1, 3)), (5, (2, 3)), (7, (2, 4))])
+def test_parameter_effects_draw_one_panel_per_searched_parameter(
+    searched: int, grid: tuple[int, int], tmp_path: Path
+) -> None:
+    axes = {f"p{i}": ParameterAxis() for i in range(searched)}
+    trials = {"a": {"config": {name: 0.1 * i for i, name in enumerate(axes)}, "best": 0.6, "stopped_early": False}}
+    path = plot_parameter_effects(trials, axes, "val_balanced_accuracy", tmp_path / "effects.png", best="a")
+    rows, columns = grid
+    assert Image.open(path).size == (round(columns * 3.4 * 110), round(rows * 2.9 * 110))

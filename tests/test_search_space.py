@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from prado_dist.config import ConfigError
+from prado_dist.engine.reporting import ParameterAxis
 from prado_dist.search import known_spaces, load_space, parse_set
+from prado_dist.search.runner import parameter_axes
 
 GOOD = {
     "model": "mobilenet",
@@ -112,3 +114,10 @@ def test_searcher_seed_and_training_seed_are_set_apart(tmp_path: Path) -> None:
 def test_bad_set_values_are_rejected(tmp_path: Path, item: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_space(write(tmp_path, GOOD), parse_set([item]))
+
+
+def test_parameter_effects_are_drawn_over_the_searched_ranges() -> None:
+    axes = parameter_axes(load_space("mobilenet"))
+    assert axes["lr"] == ParameterAxis(log=True, limits=(1e-4, 1e-2))
+    assert axes["decay_start"] == ParameterAxis(limits=(0, 25))
+    assert axes["flip_prob"] == ParameterAxis(categories=(0.0, 0.5))

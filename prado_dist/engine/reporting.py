@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:
@@ -129,10 +130,12 @@ def plot_trial_curves(
 
 @dataclass(frozen=True)
 class ParameterAxis:
-    """How a searched parameter is drawn: on a log scale, or as the categories of a choice (in order)."""
+    """How a searched parameter is drawn: over its searched range (on a log scale for a log-uniform
+    one), or as the categories of a choice (in order)."""
 
     log: bool = False
     categories: tuple[Any, ...] = ()
+    limits: tuple[float, float] | None = None  # the searched range: where trials landed within it shows
 
 
 def parameter_points(
@@ -164,8 +167,8 @@ def plot_parameter_effects(
     Optuna's `plot_slice` draws only trials that ran to the end; here trials ASHA stopped are drawn
     too, hollow, because their scores are partial-budget ones and usually most of a search's trials.
     """
-    columns = min(4, len(axes_by_name))
-    rows = math.ceil(len(axes_by_name) / columns)
+    rows = math.ceil(len(axes_by_name) / 4)  # at most 4 panels a row, rows as full as they can be
+    columns = math.ceil(len(axes_by_name) / rows)
     figure, grid = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.9 * rows), squeeze=False, sharey=True)
     for panel, (name, axis) in zip(grid.flat, axes_by_name.items(), strict=False):
         positions, scores, stopped = parameter_points(trials.values(), name, axis)
@@ -178,6 +181,13 @@ def plot_parameter_effects(
             panel.scatter(best_points[0], best_points[1], marker="*", color="tab:red", s=140, label="best trial")
         if axis.log:
             panel.set_xscale("log")
+            panel.xaxis.set_minor_formatter(NullFormatter())  # within one decade they overprint each other
+        if axis.limits:
+            low, high = axis.limits
+            if axis.log:
+                panel.set_xlim(low / 1.25, high * 1.25)
+            else:
+                panel.set_xlim(low - 0.04 * (high - low or 1), high + 0.04 * (high - low or 1))
         if axis.categories:
             panel.set_xticks(range(len(axis.categories)), [str(value) for value in axis.categories])
             panel.set_xlim(-0.5, len(axis.categories) - 0.5)

@@ -539,9 +539,9 @@ def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, 
 def parameter_axes(space: SearchSpace) -> dict[str, ParameterAxis]:
     """How each searched parameter is plotted: as it is drawn (log-uniform on a log axis)."""
     return {
-        name: ParameterAxis(
-            log=isinstance(spec, LogUniform), categories=tuple(spec.values) if isinstance(spec, Choice) else ()
-        )
+        name: ParameterAxis(categories=tuple(spec.values))
+        if isinstance(spec, Choice)
+        else ParameterAxis(log=isinstance(spec, LogUniform), limits=(spec.low, spec.high))
         for name, spec in space.params.items()
     }
 

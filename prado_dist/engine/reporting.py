@@ -179,18 +179,7 @@ def plot_parameter_effects(
         best_points = parameter_points([trials[best]], name, axis)
         if best_points[0]:
             panel.scatter(best_points[0], best_points[1], marker="*", color="tab:red", s=140, label="best trial")
-        if axis.log:
-            panel.set_xscale("log")
-            panel.xaxis.set_minor_formatter(NullFormatter())  # within one decade they overprint each other
-        if axis.limits:
-            low, high = axis.limits
-            if axis.log:
-                panel.set_xlim(low / 1.25, high * 1.25)
-            else:
-                panel.set_xlim(low - 0.04 * (high - low or 1), high + 0.04 * (high - low or 1))
-        if axis.categories:
-            panel.set_xticks(range(len(axis.categories)), [str(value) for value in axis.categories])
-            panel.set_xlim(-0.5, len(axis.categories) - 0.5)
+        _draw_x_axis(panel, axis)
         panel.set_xlabel(name)
         panel.grid(alpha=0.3)
     for panel in grid[:, 0]:
@@ -203,3 +192,18 @@ def plot_parameter_effects(
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _draw_x_axis(panel: plt.Axes, axis: ParameterAxis) -> None:
+    """A choice's categories, or the searched range with a small margin (log-scaled where drawn so)."""
+    if axis.categories:
+        panel.set_xticks(range(len(axis.categories)), [str(value) for value in axis.categories])
+        panel.set_xlim(-0.5, len(axis.categories) - 0.5)
+    elif axis.log:
+        panel.set_xscale("log")
+        panel.xaxis.set_minor_formatter(NullFormatter())  # within one decade they overprint each other
+    if axis.limits and axis.log:
+        panel.set_xlim(axis.limits[0] / 1.25, axis.limits[1] * 1.25)
+    elif axis.limits:
+        margin = 0.04 * ((axis.limits[1] - axis.limits[0]) or 1)
+        panel.set_xlim(axis.limits[0] - margin, axis.limits[1] + margin)

@@ -1,11 +1,14 @@
-"""The GPU paths of the engine: bf16 autocast, channels_last weights, pinned loaders, a checkpoint
-written on a GPU and read on a CPU (and back), backbone features computed on a GPU.
+"""The GPU paths: the engine's (bf16 autocast, channels_last weights, pinned loaders, a checkpoint
+written on a GPU and read on a CPU and back, backbone features computed on a GPU), Ray Train's (one
+worker on a GPU; two workers sharing one, DDP over gloo with SyncBatchNorm) and Ray Tune's (trials
+sharing one GPU through fractional GPUs).
 
 Skipped without CUDA (CI has none); run them on a GPU machine with `pytest tests/test_cuda.py`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from prado_dist.data import PreparedData, prepare_data
 from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, save_checkpoint
 from prado_dist.engine.features import compute_features
 from prado_dist.models import create_model
+from tests.conftest import local_ray
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -83,3 +87,78 @@ def test_backbone_features_on_gpu_match_cpu() -> None:
     assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float32 and on_gpu.shape == on_cpu.shape
     # TF32 convolutions on the GPU: close, not bit-equal.
     torch.testing.assert_close(on_gpu, on_cpu, rtol=2e-2, atol=2e-2 * float(on_cpu.abs().mean()))
+
+
+# --- through Ray: one local Ray with the machine's GPU, shared by the tests below ----------------------
+@pytest.fixture(scope="module")
+def ray_with_gpu() -> None:
+    with local_ray(num_cpus=8):  # the GPU is detected; 8 CPUs fit 4 trials of one 2-CPU worker
+        yield
+
+
+def train_through_ray(small_demo: Path, storage: Path, workers: int, gpus_per_worker: float):
+    """A 2-epoch Ray Train run; its result and the state in its last checkpoint."""
+    from prado_dist.distributed import WorkerResources, load_ray_checkpoint, run_training
+
+    config = gpu_config(small_demo, epochs=2, device="auto")
+    resources = WorkerResources(workers=workers, cpus_per_worker=2, gpus_per_worker=gpus_per_worker)
+    result = run_training(config, resources, storage=storage, name=f"gpu-{workers}", max_failures=0)
+    return result, load_ray_checkpoint(result.checkpoint)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_worker_trains_on_the_gpu(ray_with_gpu, small_demo: Path, tmp_path: Path) -> None:
+    result, state = train_through_ray(small_demo, tmp_path, workers=1, gpus_per_worker=1)
+    assert result.error is None
+    assert result.metrics["devices"] == "cuda:0"
+    assert [epoch["epoch"] for epoch in state["history"]] == [0, 1]
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in state["history"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_ray_train_workers_share_one_gpu(ray_with_gpu, small_demo: Path, tmp_path: Path) -> None:
+    # Ray packs both half-GPU workers onto the one GPU, where NCCL refuses to run (ray-project/ray#48012);
+    # the trainer picks gloo for such runs, and SyncBatchNorm still synchronises the two shards.
+    result, state = train_through_ray(small_demo, tmp_path, workers=2, gpus_per_worker=0.5)
+    assert result.error is None
+    assert result.metrics["devices"] == "cuda:0,cuda:0"
+    assert [epoch["epoch"] for epoch in state["history"]] == [0, 1]
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in state["history"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_trials_share_the_gpu(ray_with_gpu, small_demo: Path, tmp_path: Path) -> None:
+    from prado_dist.search import SearchSettings, load_space, run_search
+    from prado_dist.search.runner import leftover_resources
+
+    overrides = {
+        "num_samples": 4,
+        "epochs": 3,
+        "image_size": 32,
+        "trial.cpus_per_worker": 2,
+        "trial.gpus_per_worker": 0.25,  # four trials on the one GPU at once
+        "scheduler.grace_period": 1,
+        "scheduler.reduction_factor": 2,
+    }
+    settings = SearchSettings(
+        space=load_space("demo", overrides),
+        data_dir=small_demo,
+        storage=str(tmp_path / "runs"),
+        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="gpu",
+    )
+    outcome = run_search(settings)
+    trials = list(outcome.trials.values())
+    assert len(trials) == 4 and all(trial["status"] == "ok" for trial in trials)
+    assert all(trial["devices"] == "cuda:0" for trial in trials)
+    # The trials ran side by side: some trial started before another ended (Tune's timestamps are whole
+    # seconds; a trial started its first report's time_total_s before that report).
+    spans = sorted((t["timestamps"][0] - t["first_report_s"], t["timestamps"][-1]) for t in trials)
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+    assert set(outcome.test) >= {"test_accuracy", "test_balanced_accuracy"}
+    leftovers = leftover_resources()
+    assert leftovers["placement_groups"] == []
+    assert leftovers["available"].get("GPU") == pytest.approx(1.0)

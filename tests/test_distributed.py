@@ -46,6 +46,7 @@ from prado_dist.distributed import (
     max_concurrent_runs,
     run_training,
 )
+from prado_dist.distributed.trainer import torch_config
 from prado_dist.engine import TrainingRun, load_checkpoint, save_checkpoint
 from tests.conftest import local_ray
 
@@ -213,6 +214,7 @@ def test_two_workers_match_one_process(ray_cluster: str, demo_root: Path, demo_d
         config, WorkerResources(workers=2), storage=demo_root / "ray", name="two-workers", max_failures=0
     )
     assert result.error is None
+    assert result.metrics["devices"] == "cpu,cpu"  # each rank's device, in rank order
     states = {}
     for checkpoint, _ in result.best_checkpoints:  # keep_checkpoints=2: both epochs are kept
         state = load_ray_checkpoint(checkpoint)
@@ -224,6 +226,17 @@ def test_two_workers_match_one_process(ray_cluster: str, demo_root: Path, demo_d
         assert states[epoch]["history"][epoch]["train_loss"] == pytest.approx(
             single.history[epoch]["train_loss"], rel=1e-5
         )
+
+
+@pytest.mark.parametrize(
+    ("workers", "gpus_per_worker", "backend"),
+    [(1, 0, None), (2, 0, None), (1, 0.5, None), (2, 1, None), (2, 0.5, "gloo"), (4, 0.25, "gloo")],
+)
+def test_workers_that_may_share_a_gpu_reduce_over_gloo(workers: int, gpus_per_worker: float, backend) -> None:
+    # None: Ray's default, NCCL on GPUs. Fractional-GPU workers of one run may land on one GPU, where
+    # NCCL refuses to start (tests/test_cuda.py runs two such workers).
+    resources = WorkerResources(workers=workers, gpus_per_worker=gpus_per_worker)
+    assert torch_config(resources).backend == backend
 
 
 # --- fault tolerance ------------------------------------------------------------------------------

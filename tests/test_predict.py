@@ -25,7 +25,8 @@ def test_predict_prints_each_images_probabilities(
 ) -> None:
     data = prepare_data(small_demo, 32, cache_dir=tmp_path / "cache")
     config = TrainConfig().with_overrides(
-        {"model": "mobilenet", "image_size": 32, "bn_momentum": 0.3, "data_dir": small_demo}
+        # On the CPU, as the reference classifier below (on a GPU machine "auto" would train on the GPU).
+        {"model": "mobilenet", "image_size": 32, "bn_momentum": 0.3, "data_dir": small_demo, "device": "cpu"}
     )
     torch.manual_seed(0)
     run = TrainingRun(config, data)
@@ -61,3 +62,27 @@ def test_predict_prints_each_images_probabilities(
 
     assert predict.main(["--run-id", "0" * 32, "--mlflow-uri", uri, str(images[0])]) == 2
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_logged_model_passes_mlflows_input_check_on_a_gpu_machine(
+    small_demo: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen on an H100: with a GPU present, MLflow checks the input example by loading the exported
+    # program on the GPU, which its CPU weights cannot move to, and warns that the check failed.
+    data = prepare_data(small_demo, 32, cache_dir=tmp_path / "cache")
+    config = TrainConfig().with_overrides(
+        {"model": "mobilenet", "image_size": 32, "data_dir": small_demo, "device": "cpu"}
+    )
+    run = TrainingRun(config, data)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as parent:
+        run_id = parent.info.run_id
+    log_best_model(uri, run_id, SimpleNamespace(_state=run.state_dict(epoch=0)), data)
+    assert "Failed to validate serving input example" not in capfd.readouterr().err
+    # Whoever serves it on a GPU machine through pyfunc loads it on the CPU likewise (README).
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", model_config={"device": "cpu"})
+    pixels = data.images[data.splits["test"][:3]].transpose(0, 3, 1, 2).astype(np.float32)
+    assert np.asarray(model.predict(pixels)).shape == (3, len(data.classes))

@@ -61,7 +61,7 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
 
     # The search finished every trial, ASHA stopped at least one, and nothing stays reserved.
     assert len(outcome.trials) == 4
-    assert all(trial["status"] == "ok" for trial in outcome.trials.values())
+    assert all(trial["status"] == "ok" and trial["devices"] == "cpu" for trial in outcome.trials.values())
     stopped = [t for t in outcome.trials.values() if t["stopped_early"]]
     assert 1 <= len(stopped) < 4
     assert leftovers["placement_groups"] == []
@@ -91,6 +91,7 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
     for child in children:
         tags = tags_of(child)
         assert {"trial_id", "model", "dataset_fingerprint", "git_commit", "stopped_early"} <= set(tags)
+        assert tags["devices"] == "cpu"  # where the trial trained: its one worker's device
         assert {p["key"] for p in child["data"]["params"]} >= {"lr", "decay", "pca_std", "flip_prob"}
         history = rest(
             mlflow_server, "metrics/get-history", run_id=child["info"]["run_id"], metric_key="val_balanced_accuracy"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from prado_dist.config import TrainConfig
 from prado_dist.distributed.resources import (
@@ -32,6 +32,18 @@ def storage_uri(storage: str | Path) -> str:
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
+def torch_config(resources: WorkerResources) -> TorchConfig:
+    """The process group's backend: Ray's default (NCCL on GPUs, gloo on CPUs), except for workers
+    that may share a GPU.
+
+    Ray packs fractional-GPU workers of one run onto the same GPU, and NCCL refuses two ranks on one
+    device ("Duplicate GPU detected", ray-project/ray#48012); gloo reduces GPU tensors through the host.
+    """
+    if resources.workers > 1 and 0 < resources.gpus_per_worker < 1:
+        return TorchConfig(backend="gloo")
+    return TorchConfig()
+
+
 def build_trainer(
     config: TrainConfig,
     resources: WorkerResources,
@@ -52,6 +64,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump_json()},
+        torch_config=torch_config(resources),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=resources.use_gpu,

@@ -57,10 +57,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=ray.train.torch.prepare_model,
     )
     node_ids = ",".join(sorted(set(_gather(ray.get_runtime_context().get_node_id()))))
+    devices = ",".join(_gather(str(run.device)))  # rank order: where each worker trains (e.g. "cuda:0,cuda:0")
     placement_group = ray.util.get_current_placement_group()
     # Reported so that whoever stops this run early can free its placement group (see
     # prado_dist.search.trial.PlacementGroupReleaser).
     placement_group_id = placement_group.id.hex() if placement_group is not None else ""
+    # Reported with every epoch: the Ray nodes this run's workers train on (multi-node placement is
+    # visible), each rank's device, and the placement group.
+    placement = {"node_ids": node_ids, "devices": devices, "placement_group_id": placement_group_id}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -75,10 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint(Path(directory) / CHECKPOINT_FILE, run.state_dict(epoch))
                 reported = ray.train.Checkpoint.from_directory(directory)
-            # node_ids: the Ray nodes this run's workers train on (multi-node placement is visible).
-            ray.train.report(
-                {**metrics, "node_ids": node_ids, "placement_group_id": placement_group_id}, checkpoint=reported
-            )
+            ray.train.report({**metrics, **placement}, checkpoint=reported)
 
     if run.history and run.start_epoch >= config.epochs:
         # Restored after its last epoch (the run had finished when its driver was killed): report
@@ -86,9 +87,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # with its checkpoint, which also carries the history of the epochs reported before the kill.
         with checkpoint.as_directory() as directory:
             reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-            ray.train.report(
-                {**run.history[-1], "node_ids": node_ids, "placement_group_id": placement_group_id},
-                checkpoint=reported,
-            )
+            ray.train.report({**run.history[-1], **placement}, checkpoint=reported)
         return
     run.fit(on_epoch_end=report)

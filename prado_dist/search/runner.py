@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import mlflow
 import optuna
@@ -460,6 +462,7 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
             "timestamps": [float(row.get("timestamp", 0)) for row in rows],
             "first_report_s": float(rows[0]["time_total_s"]) if rows and "time_total_s" in rows[0] else None,
             "first_epoch_s": float(rows[0]["epoch_seconds"]) if rows else None,
+            "devices": str(rows[-1].get("devices", "")) if rows else "",  # each worker's, e.g. "cuda:0"
         }
         for row in rows:
             if row.get("checkpoint_path"):
@@ -546,6 +549,10 @@ def parameter_axes(space: SearchSpace) -> dict[str, ParameterAxis]:
     }
 
 
+# MLflow's default device for pyfunc loads of PyTorch models (the GPU if there is one).
+PREDICTION_DEVICE_ENV = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
+
+
 def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: PreparedData) -> None:
     """The best checkpoint as an MLflow PyTorch model with an input signature (see predict.py)."""
     from mlflow.models import infer_signature
@@ -561,7 +568,10 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     example = torch.from_numpy(data.images[data.splits["test"][:2]].transpose(0, 3, 1, 2).copy()).float()
     signature = infer_signature(example.numpy(), classifier(example).numpy())
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    # The exported program holds CPU weights, which torch.export cannot move; MLflow checks the input
+    # example by loading the model on the GPU when there is one, and fails. Checked on the CPU instead.
+    on_cpu = {PREDICTION_DEVICE_ENV: os.environ.get(PREDICTION_DEVICE_ENV, "cpu")}
+    with mlflow.start_run(run_id=run_id), mock.patch.dict(os.environ, on_cpu):
         mlflow.pytorch.log_model(
             classifier,
             name="model",

@@ -221,11 +221,13 @@ class SearchTracker(tune.Callback):
         self.last_epoch[trial.trial_id] = epoch
         metrics = numeric_metrics(result)
         timestamp = int(result.get("timestamp", 0) * 1000)
+        # Where the trial trains, for comparing runs in the MLflow UI ("cuda:0", "cpu,cpu", ...).
+        tags = [RunTag("devices", str(result["devices"]))] if result.get("devices") else []
 
         def write() -> None:
             run_id = self.child_run(trial)
             batch = [Metric(key, value, timestamp, epoch) for key, value in metrics.items()]
-            self.client.log_batch(run_id, metrics=batch)
+            self.client.log_batch(run_id, metrics=batch, tags=tags)
 
         self.records.submit(f"epoch {epoch} metrics of trial {trial.trial_id}", write)
 

@@ -96,36 +96,30 @@ def ray_with_gpu() -> None:
         yield
 
 
-def train_through_ray(small_demo: Path, storage: Path, workers: int, gpus_per_worker: float):
-    """A 2-epoch Ray Train run; its result and the state in its last checkpoint."""
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("workers", "gpus_per_worker", "devices"),
+    [
+        pytest.param(1, 1, "cuda:0", id="one-worker"),
+        # Ray packs both half-GPU workers onto the one GPU, where NCCL refuses to run (ray-project/ray#48012):
+        # the trainer picks gloo for such runs, and SyncBatchNorm synchronises the two shards over it.
+        pytest.param(2, 0.5, "cuda:0,cuda:0", id="two-workers-sharing-it"),
+    ],
+)
+def test_ray_train_workers_train_on_the_gpu(
+    ray_with_gpu, small_demo: Path, tmp_path: Path, workers: int, gpus_per_worker: float, devices: str
+) -> None:
     from prado_dist.distributed import WorkerResources, load_ray_checkpoint, run_training
 
     config = gpu_config(small_demo, epochs=2, device="auto")
     resources = WorkerResources(workers=workers, cpus_per_worker=2, gpus_per_worker=gpus_per_worker)
-    result = run_training(config, resources, storage=storage, name=f"gpu-{workers}", max_failures=0)
-    return result, load_ray_checkpoint(result.checkpoint)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ray_train_worker_trains_on_the_gpu(ray_with_gpu, small_demo: Path, tmp_path: Path) -> None:
-    result, state = train_through_ray(small_demo, tmp_path, workers=1, gpus_per_worker=1)
+    result = run_training(config, resources, storage=tmp_path, name="gpu", max_failures=0)
     assert result.error is None
-    assert result.metrics["devices"] == "cuda:0"
-    assert [epoch["epoch"] for epoch in state["history"]] == [0, 1]
-    assert all(math.isfinite(epoch["train_loss"]) for epoch in state["history"])
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_two_ray_train_workers_share_one_gpu(ray_with_gpu, small_demo: Path, tmp_path: Path) -> None:
-    # Ray packs both half-GPU workers onto the one GPU, where NCCL refuses to run (ray-project/ray#48012);
-    # the trainer picks gloo for such runs, and SyncBatchNorm still synchronises the two shards.
-    result, state = train_through_ray(small_demo, tmp_path, workers=2, gpus_per_worker=0.5)
-    assert result.error is None
-    assert result.metrics["devices"] == "cuda:0,cuda:0"
-    assert [epoch["epoch"] for epoch in state["history"]] == [0, 1]
-    assert all(math.isfinite(epoch["train_loss"]) for epoch in state["history"])
+    assert result.metrics["devices"] == devices
+    history = load_ray_checkpoint(result.checkpoint)["history"]  # the last epoch's checkpoint
+    assert [epoch["epoch"] for epoch in history] == [0, 1]
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in history)
 
 
 @pytest.mark.ray

@@ -549,12 +549,9 @@ def parameter_axes(space: SearchSpace) -> dict[str, ParameterAxis]:
     }
 
 
-# MLflow's default device for pyfunc loads of PyTorch models (the GPU if there is one).
-PREDICTION_DEVICE_ENV = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
-
-
 def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: PreparedData) -> None:
     """The best checkpoint as an MLflow PyTorch model with an input signature (see predict.py)."""
+    from mlflow.environment_variables import MLFLOW_DEFAULT_PREDICTION_DEVICE
     from mlflow.models import infer_signature
 
     state = outcome._state  # type: ignore[attr-defined]
@@ -570,7 +567,7 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     mlflow.set_tracking_uri(uri)
     # The exported program holds CPU weights, which torch.export cannot move; MLflow checks the input
     # example by loading the model on the GPU when there is one, and fails. Checked on the CPU instead.
-    on_cpu = {PREDICTION_DEVICE_ENV: os.environ.get(PREDICTION_DEVICE_ENV, "cpu")}
+    on_cpu = {MLFLOW_DEFAULT_PREDICTION_DEVICE.name: MLFLOW_DEFAULT_PREDICTION_DEVICE.get() or "cpu"}
     with mlflow.start_run(run_id=run_id), mock.patch.dict(os.environ, on_cpu):
         mlflow.pytorch.log_model(
             classifier,

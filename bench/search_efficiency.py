@@ -7,9 +7,13 @@ needed to reach the random search's final best. Goal: TPE+ASHA needs at most hal
 Also measured: Tune's per-trial overhead (trial start to first reported epoch, minus that epoch).
 
     python bench/search_efficiency.py [--data DIR] [--seeds 3] [--first-seed 0] [--budget 24] [--set KEY=VALUE ...]
-        [--reuse-random]
+        [--reuse-random] [--work-dir DIR] [--plot NAME.png]
 
 Appends one JSON line to bench/results/search_efficiency.jsonl and writes a plot next to it.
+
+Every search runs in a fresh temporary folder, or in `--work-dir DIR`: there a search that finished
+in an earlier run of this script (its folder holds summary/summary.json) is read back from its
+storage instead of run again, so a run that broke after its searches loses nothing.
 
 `--reuse-random` takes each seed's random search from the newest recorded line with the same space,
 data, budget and settings, instead of running it again, which halves the time of comparing TPE+ASHA
@@ -38,6 +42,7 @@ from prado_dist.data.demo import demo_data_dir  # noqa: E402
 from prado_dist.distributed.resources import local_ray_init_kwargs  # noqa: E402
 from prado_dist.engine.reporting import plt  # noqa: E402
 from prado_dist.search import SearchSettings, load_space, run_search  # noqa: E402
+from prado_dist.search.runner import finished_search_outcome  # noqa: E402
 from prado_dist.search.space import parse_set  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,7 +113,44 @@ def run(args: argparse.Namespace, data: Path, seed: int, algorithm: str, early_s
         early_stopping=early_stopping,
         epoch_budget=args.budget,
     )
+    if (root / "runs" / settings.name / "summary" / "summary.json").is_file():
+        print(f"{settings.name}: finished in {root} already, read back", flush=True)
+        return finished_search_outcome(settings)
     return run_search(settings)
+
+
+def plot_curves(curves: dict, args: argparse.Namespace, data: Path, seeds: list[int]) -> None:
+    """Best validation score so far against epochs spent, both searches of every seed."""
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for seed, (tpe_curve, random_curve) in curves.items():
+        axes.step(
+            *zip(*tpe_curve, strict=True),
+            where="post",
+            color="tab:blue",
+            alpha=0.8,
+            label="TPE + ASHA" if seed == seeds[0] else None,
+        )
+        axes.step(
+            *zip(*random_curve, strict=True),
+            where="post",
+            color="tab:orange",
+            alpha=0.8,
+            label="random, no early stopping" if seed == seeds[0] else None,
+        )
+    settings = f", {' '.join(args.overrides)}" if args.overrides else ""
+    axes.set_title(
+        textwrap.fill(
+            f"space {args.space}{settings} on {data.name}: seeds {seeds[0]}-{seeds[-1]}, {args.budget} epochs each",
+            110,
+        ),
+        fontsize=8,
+    )
+    axes.set_xlabel("epochs spent (all trials)")
+    axes.set_ylabel("best validation balanced accuracy so far")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(RESULTS / args.plot, dpi=110)
 
 
 def main() -> int:
@@ -129,12 +171,16 @@ def main() -> int:
     )
     parser.add_argument("--plot", default="search_efficiency.png", help="file name in bench/results/")
     parser.add_argument("--reuse-random", action="store_true", help="take the random searches from earlier lines")
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: a new temporary folder")
     args = parser.parse_args()
+    if Path(args.plot).name != args.plot:  # checked now, not after an hour of searches
+        parser.error(f"--plot takes a file name (written to {RESULTS}), not a path: {args.plot!r}")
     data = args.data or (PAINTINGS_DEV if PAINTINGS_DEV.is_dir() else demo_data_dir())
     if args.data is None and data != PAINTINGS_DEV:
         print(f"{PAINTINGS_DEV} not found: searching the generated demo set instead (pass --data DIR)", flush=True)
     print(f"data: {data}", flush=True)
-    root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
+    root = args.work_dir or Path(tempfile.mkdtemp(prefix="search-efficiency-"))
+    print(f"searches in {root}", flush=True)
     ray.init(**{**local_ray_init_kwargs(args.num_cpus), "log_to_driver": False})  # as prado_dist.tune starts it
     per_seed, curves, trials, overheads = [], {}, {}, []
     seeds = range(args.first_seed, args.first_seed + args.seeds)
@@ -189,37 +235,6 @@ def main() -> int:
     # A seed where TPE+ASHA never reached random's best counts as an infinite ratio, not as missing.
     ratios = [s["ratio"] if s["ratio"] is not None else math.inf for s in per_seed]
     median_ratio = statistics.median(ratios)
-    figure, axes = plt.subplots(figsize=(7, 4.2))
-    for seed, (tpe_curve, random_curve) in curves.items():
-        axes.step(
-            *zip(*tpe_curve, strict=True),
-            where="post",
-            color="tab:blue",
-            alpha=0.8,
-            label="TPE + ASHA" if seed == seeds[0] else None,
-        )
-        axes.step(
-            *zip(*random_curve, strict=True),
-            where="post",
-            color="tab:orange",
-            alpha=0.8,
-            label="random, no early stopping" if seed == seeds[0] else None,
-        )
-    settings = f", {' '.join(args.overrides)}" if args.overrides else ""
-    axes.set_title(
-        textwrap.fill(
-            f"space {args.space}{settings} on {data.name}: seeds {seeds[0]}-{seeds[-1]}, {args.budget} epochs each",
-            110,
-        ),
-        fontsize=8,
-    )
-    axes.set_xlabel("epochs spent (all trials)")
-    axes.set_ylabel("best validation balanced accuracy so far")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    RESULTS.mkdir(exist_ok=True)
-    figure.savefig(RESULTS / args.plot, dpi=110)
     entry = record(
         {
             "benchmark": "search_efficiency",
@@ -244,8 +259,11 @@ def main() -> int:
             **({"random_reused_from": reused} if reused else {}),
         }
     )
+    RESULTS.mkdir(exist_ok=True)
+    # The numbers before the plot: a failing plot must not lose an hour of searches.
     with open(RESULTS / "search_efficiency.jsonl", "a") as file:
         file.write(json.dumps(entry) + "\n")
+    plot_curves(curves, args, data, list(seeds))
     keys = ("median_ratio_tpe_to_random_epochs", "seeds_where_tpe_reached_random_best", "median_trial_overhead_s")
     print(json.dumps({key: entry[key] for key in keys}))
     return 0

@@ -1,4 +1,5 @@
-"""`bench/search_efficiency.py --reuse-random` picks the right recorded random search, or refuses."""
+"""`bench/search_efficiency.py`: `--reuse-random` picks the right recorded random search, or refuses;
+`--work-dir` reads finished searches back; a bad `--plot` is refused at once."""
 
 from __future__ import annotations
 
@@ -68,3 +69,24 @@ def test_reuse_takes_the_newest_random_search_with_the_same_settings(efficiency,
     other_epochs = argparse.Namespace(**{**vars(args), "overrides": ["epochs=12"]})
     with pytest.raises(SystemExit, match="no recorded random search of seed 0"):
         efficiency.recorded_random(other_epochs, Path("/data/dev"), 0)
+
+
+def test_searches_finished_in_the_work_dir_are_read_back_not_rerun(efficiency, tmp_path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(efficiency, "finished_search_outcome", lambda settings: calls.append(("read", settings.name)))
+    monkeypatch.setattr(efficiency, "run_search", lambda settings: calls.append(("run", settings.name)))
+    finished = tmp_path / "runs" / "tpe-0" / "summary"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}")
+    args = argparse.Namespace(space="demo", budget=24, overrides=[])
+    for seed in (0, 1):
+        efficiency.run(args, Path("/data/dev"), seed, "tpe", True, tmp_path)
+    assert calls == [("read", "tpe-0"), ("run", "tpe-1")]
+
+
+def test_a_plot_path_is_refused_before_any_search(efficiency, monkeypatch, capsys) -> None:
+    # Seen here: `--plot bench/results/x.png` failed after 40 minutes of searches, when the plot was saved.
+    monkeypatch.setattr(sys, "argv", ["search_efficiency.py", "--plot", "bench/results/x.png"])
+    with pytest.raises(SystemExit):
+        efficiency.main()
+    assert "--plot takes a file name" in capsys.readouterr().err

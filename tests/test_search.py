@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from prado_dist.search import SearchSettings, load_space, run_search
-from prado_dist.search.runner import leftover_resources
+from prado_dist.search import SearchError, SearchSettings, load_space, run_search
+from prado_dist.search.runner import finished_search_outcome, leftover_resources
 from prado_dist.tune import how_to_open
 from tests.conftest import local_ray
 
@@ -58,6 +58,7 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
     with local_ray(num_cpus=2):  # the laptop case that used to deadlock
         outcome = run_search(settings)
         leftovers = leftover_resources()
+        read_back = finished_search_outcome(settings)  # from storage alone: nothing trains again
 
     # The search finished every trial, ASHA stopped at least one, and nothing stays reserved.
     assert len(outcome.trials) == 4
@@ -66,6 +67,10 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
     assert 1 <= len(stopped) < 4
     assert leftovers["placement_groups"] == []
     assert leftovers["available"].get("CPU") == pytest.approx(2.0)
+    assert read_back.best_trial_id == outcome.best_trial_id and read_back.test == pytest.approx(outcome.test)
+    assert {key: trial["curve"] for key, trial in read_back.trials.items()} == {
+        key: trial["curve"] for key, trial in outcome.trials.items()
+    }
     # Tune's console: the searched metric is a column of its status table, and its result boxes
     # leave out the per-class metrics (MLflow has them).
     console = capsys.readouterr().out
@@ -294,3 +299,10 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(small_demo: Pa
     assert parents == 1  # the parent run was continued, not duplicated
     assert len(trial_runs) == len({value for (value,) in trial_runs}) == 4
     assert done_before >= 2 and finished_children(db) == 4
+
+
+def test_reading_back_an_unfinished_search_is_refused(small_demo: Path, tmp_path: Path) -> None:
+    (tmp_path / "half").mkdir()  # a search stopped before its summary was written
+    settings = SearchSettings(space=load_space("demo"), data_dir=small_demo, storage=str(tmp_path), name="half")
+    with pytest.raises(SearchError, match="holds no finished search"):
+        finished_search_outcome(settings)

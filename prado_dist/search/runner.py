@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -173,16 +173,13 @@ def check_storage_writable(path: Path) -> None:
         raise SearchError(f"storage {path} is not writable: {err}; pass a writable --storage") from None
 
 
-def build_tuner(
-    settings: SearchSettings, location: SearchLocation, base_config: TrainConfig, tracker: SearchTracker
-) -> tune.Tuner:
-    space = settings.space
-    resources = WorkerResources(**space.trial.model_dump())
+def make_trainable(space: SearchSpace, location: SearchLocation, base_config: TrainConfig):
+    """The trial function as Tune runs it: its fixed arguments and the little its driver reserves."""
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base_config=base_config.model_dump_json(),
-            resources=resources,
+            resources=WorkerResources(**space.trial.model_dump()),
             train_storage=train_storage_path(location.uri),
             metric=space.metric,
         ),
@@ -190,6 +187,15 @@ def build_tuner(
     )
     # Read by Tune (ray.tune.progress_reporter._detect_progress_metrics): what its result boxes show.
     trainable._progress_metrics = console_metrics(space.metric)
+    return trainable
+
+
+def build_tuner(
+    settings: SearchSettings, location: SearchLocation, base_config: TrainConfig, tracker: SearchTracker
+) -> tune.Tuner:
+    space = settings.space
+    resources = WorkerResources(**space.trial.model_dump())
+    trainable = make_trainable(space, location, base_config)
     if settings.resume:
         if not tune.Tuner.can_restore(location.uri):
             raise SearchError(f"--resume: {location.uri} holds no Tune experiment to resume")
@@ -363,6 +369,21 @@ def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
         # Also when the search fails or is interrupted: MLflow records still unwritten are listed.
         prepared.tracker.records.close()
     return outcome
+
+
+def finished_search_outcome(settings: SearchSettings) -> SearchOutcome:
+    """The outcome of a search that ran to its end (`settings.name` in `settings.storage`), read back
+    from its storage: nothing trains and nothing is logged; the best checkpoint is evaluated on the
+    test split again. For benches that lost their own results after the searches had finished.
+    """
+    location = locate(replace(settings, resume=True))
+    if not (location.local / "summary" / "summary.json").is_file():
+        raise SearchError(f"{location.uri} holds no finished search (no summary/summary.json); resume it instead")
+    base_config = settings.space.base_config(data_dir=settings.data_dir)
+    # Restored only to read its results: get_results() without fit() runs no trial.
+    tuner = tune.Tuner.restore(location.uri, make_trainable(settings.space, location, base_config))
+    parent_id = json.loads((location.local / STATE_FILE).read_text())["parent_run_id"]
+    return summarise(tuner.get_results(), settings.space, load_data(base_config), location.local, parent_id)
 
 
 def searcher_description(settings: SearchSettings) -> str:

@@ -42,7 +42,7 @@ from prado_dist.data.demo import demo_data_dir  # noqa: E402
 from prado_dist.distributed.resources import local_ray_init_kwargs  # noqa: E402
 from prado_dist.engine.reporting import plt  # noqa: E402
 from prado_dist.search import SearchSettings, load_space, run_search  # noqa: E402
-from prado_dist.search.runner import finished_search_outcome  # noqa: E402
+from prado_dist.search.runner import finished_search_outcome, summary_file  # noqa: E402
 from prado_dist.search.space import parse_set  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, data: Path, seed: int, algorithm: str, early_s
         early_stopping=early_stopping,
         epoch_budget=args.budget,
     )
-    if (root / "runs" / settings.name / "summary" / "summary.json").is_file():
+    if summary_file(root / "runs" / settings.name).is_file():
         print(f"{settings.name}: finished in {root} already, read back", flush=True)
         return finished_search_outcome(settings)
     return run_search(settings)

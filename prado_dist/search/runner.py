@@ -371,13 +371,18 @@ def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
     return outcome
 
 
+def summary_file(search_folder: Path) -> Path:
+    """The summary a search writes into its folder when it ends (see log_outcome)."""
+    return search_folder / "summary" / "summary.json"
+
+
 def finished_search_outcome(settings: SearchSettings) -> SearchOutcome:
     """The outcome of a search that ran to its end (`settings.name` in `settings.storage`), read back
     from its storage: nothing trains and nothing is logged; the best checkpoint is evaluated on the
     test split again. For benches that lost their own results after the searches had finished.
     """
     location = locate(replace(settings, resume=True))
-    if not (location.local / "summary" / "summary.json").is_file():
+    if not summary_file(location.local).is_file():
         raise SearchError(f"{location.uri} holds no finished search (no summary/summary.json); resume it instead")
     base_config = settings.space.base_config(data_dir=settings.data_dir)
     # Restored only to read its results: get_results() without fit() runs no trial.
@@ -521,7 +526,7 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
 def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, space: SearchSpace) -> None:
     """Best config and metrics, test metrics, figures and the best model on the parent run."""
     run_id = outcome.parent_run_id
-    artifacts = path / "summary"
+    artifacts = summary_file(path).parent
     artifacts.mkdir(exist_ok=True)
     confusion = outcome._confusion  # type: ignore[attr-defined]
     plot_confusion(
@@ -544,7 +549,7 @@ def log_outcome(client, outcome: SearchOutcome, data: PreparedData, path: Path, 
         "baseline_val": outcome.baseline_val,
         "trials": outcome.trials,
     }
-    (artifacts / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary_file(path).write_text(json.dumps(summary, indent=2, default=str))
     metrics = [Metric(f"best_{k}", v, int(time.time() * 1000), 0) for k, v in outcome.best_val.items()]
     metrics += [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in outcome.test.items()]
     if outcome.baseline_val is not None:

@@ -292,70 +292,31 @@ class TransferModel(nn.Module):
 # --- registered constructors ------------------------------------------------------------------------
 
 
-def _report_transfer_model(name: str, **kwargs: Any) -> TransferModel:
+def _register_report_model(name: str, description: str) -> None:
+    """Register `name` as a constructor of the report's transfer model on its timm backbone and pooling.
+
+    One explicit signature for all four: `create_model` checks keyword arguments against it."""
     timm_name, global_pool = TRANSFER_BACKBONES[name]
-    return TransferModel(timm_name, global_pool=global_pool, **kwargs)
+
+    def constructor(
+        num_classes: int = 5,
+        image_size: int = 224,
+        output_bias: Sequence[float] | None = None,
+        dropout: float = 0.0,
+        pretrained: Path | str | None = None,
+        unfreeze_stages: int = 0,
+    ) -> TransferModel:
+        return TransferModel(
+            timm_name, num_classes=num_classes, image_size=image_size, output_bias=output_bias,
+            dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages, global_pool=global_pool,
+        )  # fmt: skip
+
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = f"{description} -> timm `{timm_name}`, global {global_pool} pooling."
+    register_model(name)(constructor)
 
 
-@register_model("efficientnet_b3")
-def efficientnet_b3(
-    num_classes: int = 5,
-    image_size: int = 224,
-    output_bias: Sequence[float] | None = None,
-    dropout: float = 0.0,
-    pretrained: Path | str | None = None,
-    unfreeze_stages: int = 0,
-) -> TransferModel:
-    """Keras EfficientNetV2B3 -> timm `tf_efficientnetv2_b3`, average pooling (the report's best model)."""
-    return _report_transfer_model(
-        "efficientnet_b3", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
-        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
-    )  # fmt: skip
-
-
-@register_model("resnet50v2")
-def resnet50v2(
-    num_classes: int = 5,
-    image_size: int = 224,
-    output_bias: Sequence[float] | None = None,
-    dropout: float = 0.0,
-    pretrained: Path | str | None = None,
-    unfreeze_stages: int = 0,
-) -> TransferModel:
-    """Keras ResNet50V2 -> timm `resnetv2_50`, average pooling."""
-    return _report_transfer_model(
-        "resnet50v2", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
-        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
-    )  # fmt: skip
-
-
-@register_model("mobilenetv2")
-def mobilenetv2(
-    num_classes: int = 5,
-    image_size: int = 224,
-    output_bias: Sequence[float] | None = None,
-    dropout: float = 0.0,
-    pretrained: Path | str | None = None,
-    unfreeze_stages: int = 0,
-) -> TransferModel:
-    """Keras MobileNetV2 -> timm `mobilenetv2_100`, average pooling."""
-    return _report_transfer_model(
-        "mobilenetv2", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
-        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
-    )  # fmt: skip
-
-
-@register_model("vgg19")
-def vgg19(
-    num_classes: int = 5,
-    image_size: int = 224,
-    output_bias: Sequence[float] | None = None,
-    dropout: float = 0.0,
-    pretrained: Path | str | None = None,
-    unfreeze_stages: int = 0,
-) -> TransferModel:
-    """Keras VGG19 -> timm `vgg19` conv stack only (no fc6/fc7), global *max* pooling as in the report."""
-    return _report_transfer_model(
-        "vgg19", num_classes=num_classes, image_size=image_size, output_bias=output_bias,
-        dropout=dropout, pretrained=pretrained, unfreeze_stages=unfreeze_stages,
-    )  # fmt: skip
+_register_report_model("efficientnet_b3", "Keras EfficientNetV2B3 (the report's best model)")
+_register_report_model("resnet50v2", "Keras ResNet50V2")
+_register_report_model("mobilenetv2", "Keras MobileNetV2")
+_register_report_model("vgg19", "Keras VGG19, its conv stack only (no fc6/fc7)")

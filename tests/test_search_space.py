@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from prado_dist.config import ConfigError
+from prado_dist.distributed import WorkerResources
 from prado_dist.engine.reporting import ParameterAxis
 from prado_dist.search import known_spaces, load_space, parse_set
 from prado_dist.search.runner import parameter_axes
@@ -98,6 +99,12 @@ def test_set_overrides_fixed_settings_and_space_keys(tmp_path: Path) -> None:
     space = load_space(write(tmp_path, GOOD), overrides)
     assert space.epochs == 7 and space.num_samples == 3 and space.scheduler.grace_period == 2
     assert "lr" not in space.params and space.base_config().lr == 3e-3  # --set fixes a searched value
+
+
+def test_trial_settings_become_each_trials_ray_train_resources(tmp_path: Path) -> None:
+    overrides = parse_set(["trial.workers=2", "trial.cpus_per_worker=0.5", "trial.gpus_per_worker=0.25"])
+    resources = load_space(write(tmp_path, GOOD), overrides).trial.worker_resources()
+    assert resources == WorkerResources(workers=2, cpus_per_worker=0.5, gpus_per_worker=0.25)
 
 
 def test_searcher_seed_and_training_seed_are_set_apart(tmp_path: Path) -> None:

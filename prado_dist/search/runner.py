@@ -29,7 +29,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData
-from prado_dist.distributed import WorkerResources, check_fits, load_ray_checkpoint, max_concurrent_runs, storage_uri
+from prado_dist.distributed import check_fits, load_ray_checkpoint, max_concurrent_runs, storage_uri
 from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_data
 from prado_dist.engine.export import PaintingClassifier
 from prado_dist.engine.reporting import (
@@ -179,7 +179,7 @@ def make_trainable(space: SearchSpace, location: SearchLocation, base_config: Tr
         tune.with_parameters(
             run_trial,
             base_config=base_config.model_dump_json(),
-            resources=WorkerResources(**space.trial.model_dump()),
+            resources=space.trial.worker_resources(),
             train_storage=train_storage_path(location.uri),
             metric=space.metric,
         ),
@@ -194,7 +194,7 @@ def build_tuner(
     settings: SearchSettings, location: SearchLocation, base_config: TrainConfig, tracker: SearchTracker
 ) -> tune.Tuner:
     space = settings.space
-    resources = WorkerResources(**space.trial.model_dump())
+    resources = space.trial.worker_resources()
     trainable = make_trainable(space, location, base_config)
     if settings.resume:
         if not tune.Tuner.can_restore(location.uri):

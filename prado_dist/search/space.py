@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import tune
 
 from prado_dist.config import ConfigError, TrainConfig, format_validation_error
+from prado_dist.distributed import WorkerResources
 from prado_dist.models import is_model, list_models
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -73,6 +74,10 @@ class TrialResources(_Strict):
     workers: int = Field(1, ge=1)  # data-parallel Ray Train workers per trial
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+
+    def worker_resources(self) -> WorkerResources:
+        """What each trial's Ray Train run asks for."""
+        return WorkerResources(**self.model_dump())
 
 
 class SearchSpace(_Strict):

@@ -191,8 +191,8 @@ class ConvBnAct(nn.Sequential):
 class GlobalPoolHead(nn.Module):
     """The timm-style head interface of the models ending in global pooling -> dropout -> Dense.
 
-    Subclasses build `global_pool`, `head_drop`, `classifier` and `num_features`, and define
-    `forward_features`; `classifier_init` is the Keras initialiser of their output layer.
+    Subclasses build their body, then call `build_head`, and define `forward_features`;
+    `classifier_init` is the Keras initialiser of their output layer.
     """
 
     classifier_init = "he_normal"
@@ -202,6 +202,15 @@ class GlobalPoolHead(nn.Module):
         check_num_classes(num_classes)
         self.num_classes = num_classes
         self.image_size = image_size  # informational: global pooling makes the weights size-independent
+
+    def build_head(self, num_features: int, dropout: float, output_bias: Sequence[float] | None) -> None:
+        """Global average pooling -> dropout -> Dense over the body's `num_features` channels.
+
+        Called last in `__init__`: the classifier is initialised after the body, as in Keras."""
+        self.num_features = num_features
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(dropout)
+        self.reset_classifier(self.num_classes, output_bias)
 
     def get_classifier(self) -> nn.Module:
         return self.classifier

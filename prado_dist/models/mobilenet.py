@@ -25,7 +25,6 @@ from prado_dist.models._layers import (
     GlobalPoolHead,
     glorot_uniform_,
     init_he_normal_,
-    make_classifier,
 )
 from prado_dist.models._registry import register_model
 
@@ -102,10 +101,7 @@ class MobileNet(GlobalPoolHead):
         self.blocks = nn.Sequential(*layers)
         self.conv_head = ConvBnAct(channels, HEAD_CHANNELS, 1)  # ReLU, not ReLU6 (notebook)
 
-        self.num_features = HEAD_CHANNELS
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(dropout)
-        self.classifier = make_classifier(HEAD_CHANNELS, num_classes, output_bias)
+        self.build_head(HEAD_CHANNELS, dropout, output_bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_head(self.blocks(self.stem(x)))

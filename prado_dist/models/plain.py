@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from prado_dist.models._layers import GlobalPoolHead, init_he_normal_, make_classifier
+from prado_dist.models._layers import GlobalPoolHead, init_he_normal_
 from prado_dist.models._registry import register_model
 
 # (output channels, stride) of each 3x3 conv + ReLU, in order.
@@ -48,10 +48,7 @@ class PlainCNN(GlobalPoolHead):
             modules += [conv, nn.ReLU()]
             channels = out_channels
         self.features = nn.Sequential(*modules)
-        self.num_features = channels
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(dropout)
-        self.classifier = make_classifier(channels, num_classes, output_bias)
+        self.build_head(channels, dropout, output_bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

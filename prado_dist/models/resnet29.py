@@ -25,7 +25,6 @@ from prado_dist.models._layers import (
     MaxPool2dSame,
     batch_norm_2d,
     init_he_normal_,
-    make_classifier,
 )
 from prado_dist.models._registry import register_model
 
@@ -103,11 +102,7 @@ class ResNet29(GlobalPoolHead):
             blocks.extend(Bottleneck(channels, filters) for _ in range(num_blocks - 1))
         self.stages = nn.Sequential(*blocks)
 
-        self.num_features = channels
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(dropout)
-        # The notebook's output Dense sets no kernel_initializer here: Keras' default Glorot uniform.
-        self.classifier = make_classifier(channels, num_classes, output_bias, init="glorot_uniform")
+        self.build_head(channels, dropout, output_bias)  # classifier: Glorot uniform (classifier_init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

@@ -46,6 +46,8 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     try:
         client = MlflowClient(tracking_uri=uri)  # an unsupported URI scheme already fails here
         experiment_id = _experiment_id(client, experiment)
+        # MLflow 3's UI opens an untagged experiment on its GenAI overview, not on the training runs.
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     except Exception as err:
         raise TrackingError(
             f"cannot use the MLflow tracking server at {uri!r}: {type(err).__name__}: {str(err)[:300]}. "

@@ -293,24 +293,25 @@ class TrainingRun:
         self.ema_steps += 1
         self.ema.update(self.network, step=self.ema_steps)
 
-    def recalibrate_batchnorm(self) -> float:
-        """Recompute the evaluated network's BatchNorm statistics from `bn_recalibration_images`
-        training images (the same images every time); the seconds it took."""
+    def recalibrate_batchnorm(self, network: nn.Module | None = None, images: int | None = None) -> float:
+        """Recompute the BatchNorm statistics of `network` (default: the evaluated one) from `images`
+        (default: `bn_recalibration_images`) training images, the same ones every time; the seconds it took."""
         started = time.perf_counter()
-        if not training_batchnorm_layers(self.evaluated_network):
+        network = network if network is not None else self.evaluated_network
+        if not training_batchnorm_layers(network):
             return 0.0  # e.g. a frozen backbone's BatchNorm (feature cache included): nothing to recompute
-        batches = (images for images, _ in self._recalibration_loader())
+        batches = (batch for batch, _ in self._recalibration_loader(images or self.config.bn_recalibration_images))
         recalibrate_batchnorm(
-            self.evaluated_network,
+            network,
             batches,
-            lambda images: self.image_pipeline(images, train=False),  # the inputs that evaluation sees
+            lambda batch: self.image_pipeline(batch, train=False),  # the inputs that evaluation sees
             device=self.device,
             autocast_dtype=self.autocast_dtype,
         )
         return time.perf_counter() - started
 
-    def _recalibration_loader(self) -> DataLoader:
-        """This rank's share of a fixed random subset of the training images, in whole batches.
+    def _recalibration_loader(self, images: int) -> DataLoader:
+        """This rank's share of `images` training images (a fixed random subset), in whole batches.
 
         Every rank gets as many batches as the others (SyncBatchNorm's forward is collective), and
         the loader has its own generator: the pass draws nothing from the global random stream, so
@@ -318,7 +319,7 @@ class TrainingRun:
         """
         per_rank_batch = self.config.batch_size // self.world_size
         train_size = len(self.data.splits["train"])
-        per_rank = min(self.config.bn_recalibration_images, train_size) // self.world_size
+        per_rank = min(images, train_size) // self.world_size
         if per_rank >= per_rank_batch:
             per_rank -= per_rank % per_rank_batch  # no small last batch: its batch statistics would be noisy
         order = torch.randperm(train_size, generator=torch.Generator().manual_seed(self.config.seed)).tolist()

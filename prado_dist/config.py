@@ -38,6 +38,11 @@ class TrainConfig(BaseModel):
     # 0.01, right for the report's 50 epochs x 59 steps; runs of a few dozen steps need ~0.1, or
     # evaluation uses statistics that are still mostly their initial values.
     bn_momentum: float | None = Field(None, gt=0.0, le=1.0)
+    # Before every validation, recompute the training BatchNorm layers' statistics from this many
+    # training images (PreciseBN, prado_dist/engine/batchnorm.py), so that evaluation, checkpoints and
+    # exports use the statistics of the weights evaluated, whatever bn_momentum (issue 22; training
+    # is unchanged). None: the running statistics as trained (report).
+    bn_recalibration_images: int | None = Field(256, ge=2)
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = Field(50, ge=1)  # report: 50 (transfer learning: 25)

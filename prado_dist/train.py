@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=DEFAULTS.dropout)
     parser.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum; default: Keras 0.01")
     parser.add_argument(
+        "--bn-recalibration-images",
+        type=int,
+        default=DEFAULTS.bn_recalibration_images,
+        help="recompute BatchNorm statistics from this many training images before each validation; 0: off",
+    )
+    parser.add_argument(
         "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (e.g. 0.97)"
     )
     parser.add_argument("--pretrained", type=Path, default=None, help="transfer models: local weight file")
@@ -93,6 +99,7 @@ def config_from_args(args: argparse.Namespace, data_dir: Path | None) -> TrainCo
         "label_smoothing": args.label_smoothing,
         "dropout": args.dropout,
         "bn_momentum": args.bn_momentum,
+        "bn_recalibration_images": args.bn_recalibration_images or None,
         "ema_decay": args.ema_decay,
         "pretrained": args.pretrained,
         "unfreeze_stages": args.unfreeze_stages,

@@ -113,7 +113,8 @@ def test_weight_average_is_what_is_validated_and_checkpointed(tiny_data: Prepare
     # Training is untouched by the average: same losses, same trained weights.
     assert [m["train_loss"] for m in averaged.history] == [m["train_loss"] for m in plain.history]
     state = averaged.state_dict(epoch=0)
-    for name, value in plain.network.state_dict().items():
+    # (Weights only: the plain run's BatchNorm statistics were recalibrated for its validation.)
+    for name, value in plain.network.named_parameters():
         torch.testing.assert_close(state["trained_model"][name], value)
     assert averaged.ema_steps == state["ema_steps"] == len(averaged.loaders["train"])
     # The checkpoint's "model" is the average, which differs from the trained weights...

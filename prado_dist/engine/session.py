@@ -10,7 +10,9 @@ features (features.py): `network` is always the whole model, `model` is what the
 head, or the whole model), and `pipeline` turns a loader's batch into `model`'s input.
 
 `evaluated_network` is what the run validates, checkpoints as "model" and exports: `network`
-itself, or with `ema_decay` a moving average of its weights (training itself is unchanged).
+itself, or with `ema_decay` a moving average of its weights (training itself is unchanged). With
+`bn_recalibration_images` its BatchNorm statistics are recomputed before every validation
+(batchnorm.py), in place: checkpoints and exports hold the statistics that were evaluated.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +28,11 @@ import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, prepare_data, split_counts
+from prado_dist.engine.batchnorm import recalibrate_batchnorm, training_batchnorm_layers
 from prado_dist.engine.checkpoint import CheckpointError
 from prado_dist.engine.features import (
     FeatureDataset,
@@ -167,6 +171,7 @@ class TrainingRun:
         self._loaders: dict[str, DataLoader] | None = None
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
+        self._warned_one_class = False
 
     def _build_network(self, train_counts: list[int]) -> nn.Module:
         """The configured model on this run's device, in the layout and BatchNorm this run trains with."""
@@ -273,7 +278,10 @@ class TrainingRun:
             on_step=self._update_average if self.ema is not None else None,
         )
         self.scheduler.step()
-        val_metrics, _ = self.evaluate("val")
+        if self.config.bn_recalibration_images is not None:
+            metrics["bn_recalibration_seconds"] = self.recalibrate_batchnorm()
+        val_metrics, val_counts = self.evaluate("val")
+        self._warn_if_one_class(epoch, val_counts)
         metrics = {"epoch": epoch, "epochs_completed": epoch + 1, "lr": lr, **metrics, **val_metrics}
         if isinstance(self.network, TransferModel):
             # Recorded with every trial (MLflow): whether the head trained on cached features, and
@@ -284,6 +292,70 @@ class TrainingRun:
     def _update_average(self, step: int, loss: float) -> None:
         self.ema_steps += 1
         self.ema.update(self.network, step=self.ema_steps)
+
+    def recalibrate_batchnorm(self, network: nn.Module | None = None, images: int | None = None) -> float:
+        """Recompute the BatchNorm statistics of `network` (default: the evaluated one) from `images`
+        (default: `bn_recalibration_images`) training images, the same ones every time; the seconds it took."""
+        started = time.perf_counter()
+        network = network if network is not None else self.evaluated_network
+        if not training_batchnorm_layers(network):
+            return 0.0  # e.g. a frozen backbone's BatchNorm (feature cache included): nothing to recompute
+        batches = (batch for batch, _ in self._recalibration_loader(images or self.config.bn_recalibration_images))
+        recalibrate_batchnorm(
+            network,
+            batches,
+            lambda batch: self.image_pipeline(batch, train=False),  # the inputs that evaluation sees
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+        return time.perf_counter() - started
+
+    def _recalibration_loader(self, images: int) -> DataLoader:
+        """This rank's share of `images` training images (a fixed random subset), in whole batches.
+
+        Every rank gets as many batches as the others (SyncBatchNorm's forward is collective), and
+        the loader has its own generator: the pass draws nothing from the global random stream, so
+        training (dropout) goes on exactly as without it.
+        """
+        per_rank_batch = self.config.batch_size // self.world_size
+        train_size = len(self.data.splits["train"])
+        per_rank = min(images, train_size) // self.world_size
+        if per_rank >= per_rank_batch:
+            per_rank -= per_rank % per_rank_batch  # no small last batch: its batch statistics would be noisy
+        order = torch.randperm(train_size, generator=torch.Generator().manual_seed(self.config.seed)).tolist()
+        indices = order[: per_rank * self.world_size][self.rank :: self.world_size]
+        subset = Subset(PaintingsDataset(self.data, "train"), indices)
+        return DataLoader(subset, per_rank_batch, generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+
+    def _warn_if_one_class(self, epoch: int, counts: Any) -> None:
+        """Warn once per run when validation predicts the same class for every image."""
+        predicted = counts.confusion.sum(dim=0)
+        present = int((counts.confusion.sum(dim=1) > 0).sum())
+        if self._warned_one_class or self.rank != 0 or present < 2 or int((predicted > 0).sum()) != 1:
+            return
+        self._warned_one_class = True
+        only = self.classes[int(predicted.argmax())]
+        if self.config.bn_recalibration_images is None:
+            momentum = self.config.bn_momentum or "the models' Keras 0.01"
+            cause = (
+                f"Likely cause: BatchNorm running statistics that still lag the weights (bn_momentum {momentum}); "
+                "recompute them before validation with bn_recalibration_images=256 (--bn-recalibration-images "
+                "256), or set bn_momentum=0.1"
+            )
+        else:
+            cause = (
+                "The BatchNorm statistics were recomputed, so the weights themselves predict one class: likely "
+                f"a learning rate too high for this data (lr={self.config.lr:g}) or too few epochs; try a lower "
+                "lr or more epochs"
+            )
+        logger.warning(
+            "%s: validation after epoch %d predicted %r for all %d images. %s",
+            self.config.model,
+            epoch + 1,
+            only,
+            counts.samples,
+            cause,
+        )
 
     @property
     def evaluated_network(self) -> nn.Module:

@@ -1,23 +1,24 @@
-"""How long the quickstart's search takes with Ray Train's default poll interval and with prado_dist's.
+"""What a trial costs beyond its epochs: trials in their reused Tune actor against Ray Train trials.
 
-Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default
-2 s) and notices that a run has finished only then. A local Ray started by prado_dist sets 0.5 s
-(`prado_dist.distributed.resources.local_ray_init_kwargs`). This runs the quickstart's command,
-`python -m prado_dist.tune --space demo`, alternately with Ray's default (the variable set to 2.0)
-and with prado_dist's (the variable unset), `--rounds` times each, on the same cached demo data,
-and compares the wall times as a ratio of medians measured side by side.
+Issue 20. Two experiments, each alternating the two trial paths side by side on the same cached
+demo data (`trial.ray_train: auto`, the default, trains one-worker trials in their Tune actor;
+`always` nests a Ray Train run in every trial, as before):
 
-    python bench/trial_cycle.py [--rounds 2] [--space demo]
+- `quickstart`: the README's search, `python -m prado_dist.tune --space demo`, in a fresh process
+  each (its own local Ray): wall time end to end and console lines.
+- `overhead`: searches run in this process on one local Ray, the quickstart's and one of
+  `--short-trials` 1-epoch trials: per trial, the wall time from Tune starting it to its end minus
+  the seconds of its epochs (median and p95), the time to the first started trial, trials per hour.
 
-Appends one JSON line to bench/results/trial_cycle.jsonl.
+    python bench/trial_cycle.py [--rounds 2] [--experiments quickstart overhead] [--short-trials 20]
+
+Appends one JSON line per experiment to bench/results/trial_cycle.jsonl; figures in bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
 import subprocess
 import sys
@@ -27,82 +28,138 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import record  # noqa: E402
+from ray import tune  # noqa: E402
 
 from prado_dist.data.demo import demo_data_dir  # noqa: E402
-from prado_dist.distributed.resources import HEALTH_CHECK_ENV, LOCAL_HEALTH_CHECK_INTERVAL_S  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RAY_DEFAULT_INTERVAL_S = 2.0  # ray.train.v2._internal.constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
+PATHS = ("auto", "always")  # trial.ray_train
 
 
-def run_search(space: str, data: Path, interval: float | None, root: Path) -> dict:
-    """One search in a fresh process (its own local Ray); `interval` None leaves prado_dist's default."""
-    env = {key: value for key, value in os.environ.items() if key != HEALTH_CHECK_ENV}
-    if interval is not None:
-        env[HEALTH_CHECK_ENV] = str(interval)
-    command = [
-        sys.executable,
-        "-m",
-        "prado_dist.tune",
-        "--space",
-        space,
-        "--data",
-        str(data),
-        "--storage",
-        str(root / "runs"),
-        "--mlflow-uri",
-        f"sqlite:///{root}/mlflow.db",
-    ]
+def alternated(rounds: int) -> list[str]:
+    """Both paths per round, the order flipped every round so that a drift in load hits both alike."""
+    return [path for round_ in range(rounds) for path in (PATHS if round_ % 2 == 0 else PATHS[::-1])]
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+# --- the quickstart's command, end to end ------------------------------------------------------------
+def quickstart(path: str, data: Path, root: Path) -> dict:
+    command = [sys.executable, "-m", "prado_dist.tune", "--space", "demo", "--data", str(data)]
+    command += ["--storage", str(root / "runs"), "--mlflow-uri", f"sqlite:///{root}/mlflow.db"]
+    command += [f"--set=trial.ray_train={path}"]
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    # From the summary that prado_dist.tune prints at the end (tune.print_summary).
-    best = re.search(r"validation val_balanced_accuracy ([0-9.]+) \(epoch", done.stdout)
-    trials = re.search(r"(\d+) trials, (\d+) stopped early, (\d+) failed", done.stdout)
     return {
-        "interval_s": interval if interval is not None else LOCAL_HEALTH_CHECK_INTERVAL_S,
+        "ray_train": path,
         "wall_s": round(wall, 1),
-        "best_val_balanced_accuracy": float(best.group(1)) if best else None,
-        "trials_stopped_failed": [int(n) for n in trials.groups()] if trials else None,
+        "console_lines": len((done.stdout + done.stderr).splitlines()),
     }
+
+
+# --- per-trial overhead, in this process ---------------------------------------------------------------
+class TrialClock(tune.Callback):
+    """Driver-side times of each trial: started, ended, and the epoch seconds it reported."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.epoch_seconds: dict[str, float] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started.setdefault(trial.trial_id, time.monotonic())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.epoch_seconds[trial.trial_id] = self.epoch_seconds.get(trial.trial_id, 0.0) + result["epoch_seconds"]
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.ended[trial.trial_id] = time.monotonic()
+
+    def overheads(self) -> list[float]:
+        return [self.ended[t] - self.started[t] - self.epoch_seconds.get(t, 0.0) for t in self.ended]
+
+
+def overhead(path: str, data: Path, root: Path, overrides: dict) -> dict:
+    from prado_dist.search import SearchSettings, load_space, run_search
+
+    clock = TrialClock()
+    space = load_space("demo", {**overrides, "trial.ray_train": path})
+    settings = SearchSettings(
+        space=space,
+        data_dir=data,
+        storage=str(root / "runs"),
+        mlflow_uri=f"sqlite:///{root}/mlflow.db",
+        callbacks=[clock],
+    )
+    started = time.monotonic()
+    run_search(settings)
+    wall = time.monotonic() - started
+    overheads = clock.overheads()
+    return {
+        "ray_train": path,
+        "trials": len(overheads),
+        "wall_s": round(wall, 1),
+        "first_trial_started_s": round(min(clock.started.values()) - started, 1),
+        "overhead_median_s": round(statistics.median(overheads), 2),
+        "overhead_p95_s": round(percentile(overheads, 0.95), 2),
+        "epoch_seconds_total": round(sum(clock.epoch_seconds.values()), 1),
+        "trials_per_hour": round(len(overheads) / wall * 3600, 1),
+    }
+
+
+def summarise(runs: list[dict], keys: tuple[str, ...]) -> dict:
+    medians = {
+        path: {key: statistics.median(run[key] for run in runs if run["ray_train"] == path) for key in keys}
+        for path in PATHS
+    }
+    ratio = medians["always"]["wall_s"] / medians["auto"]["wall_s"]
+    return {"median": medians, "wall_ratio_ray_train_to_actor": round(ratio, 2)}
+
+
+def save(entry: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "trial_cycle.jsonl", "a") as file:
+        file.write(json.dumps(record(entry)) + "\n")
+    print(json.dumps({key: value for key, value in entry.items() if key != "runs"}), flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default="demo")
-    parser.add_argument("--rounds", type=int, default=2, help="searches per setting, alternated")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per path, alternated")
+    parser.add_argument("--experiments", nargs="+", default=["quickstart", "overhead"])
+    parser.add_argument("--short-trials", type=int, default=20, help="trials of the 1-epoch search")
     args = parser.parse_args()
     data = demo_data_dir()  # built once here, so that no search pays for it
-    runs = []
-    for round_ in range(args.rounds):
-        # Alternated, and the order flipped every round, so that a drift in the machine's load
-        # falls on both settings alike.
-        order = [RAY_DEFAULT_INTERVAL_S, None] if round_ % 2 == 0 else [None, RAY_DEFAULT_INTERVAL_S]
-        for interval in order:
+    if "quickstart" in args.experiments:
+        runs = []
+        for path in alternated(args.rounds):
             with tempfile.TemporaryDirectory(prefix="trial-cycle-") as root:
-                runs.append(run_search(args.space, data, interval, Path(root)))
+                runs.append(quickstart(path, data, Path(root)))
             print(json.dumps(runs[-1]), flush=True)
-    ray_default = statistics.median(r["wall_s"] for r in runs if r["interval_s"] == RAY_DEFAULT_INTERVAL_S)
-    ours = statistics.median(r["wall_s"] for r in runs if r["interval_s"] == LOCAL_HEALTH_CHECK_INTERVAL_S)
-    entry = record(
-        {
-            "benchmark": "trial_cycle",
-            "space": args.space,
-            "data": str(data),
-            "runs": runs,
-            "median_wall_s": {
-                f"ray_default_{RAY_DEFAULT_INTERVAL_S}s": ray_default,
-                f"prado_dist_{LOCAL_HEALTH_CHECK_INTERVAL_S}s": ours,
-            },
-            "ratio_prado_dist_to_ray_default": round(ours / ray_default, 3),
-        }
-    )
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "trial_cycle.jsonl", "a") as file:
-        file.write(json.dumps(entry) + "\n")
-    print(json.dumps({key: entry[key] for key in ("median_wall_s", "ratio_prado_dist_to_ray_default")}))
+        save({"benchmark": "trial_cycle", "experiment": "quickstart", "runs": runs, **summarise(runs, ("wall_s",))})
+    if "overhead" in args.experiments:
+        import ray
+
+        from prado_dist.distributed.resources import local_ray_init_kwargs
+
+        ray.init(**local_ray_init_kwargs())
+        searches = {"quickstart": {}, "short": {"num_samples": args.short_trials, "epochs": 1}}
+        for search, overrides in searches.items():
+            runs = []
+            for path in alternated(args.rounds):
+                with tempfile.TemporaryDirectory(prefix="trial-cycle-") as root:
+                    runs.append(overhead(path, data, Path(root), overrides))
+                print(json.dumps({"search": search, **runs[-1]}), flush=True)
+            keys = ("wall_s", "overhead_median_s", "overhead_p95_s", "first_trial_started_s", "trials_per_hour")
+            entry = {"benchmark": "trial_cycle", "experiment": "overhead", "search": search, "overrides": overrides}
+            save({**entry, "runs": runs, **summarise(runs, keys)})
+        ray.shutdown()
     return 0
 
 

@@ -1,7 +1,8 @@
 """`python -m prado_dist.tune --space NAME`: search learning rate, decay and augmentation strength.
 
-Optuna TPE proposes configurations (the report's own first), ASHA stops weak trials early, every
-trial is a Ray Train run, and MLflow records the search as a parent run with one child per trial.
+Optuna TPE proposes configurations (the report's own first), ASHA stops weak trials early, each
+trial trains in its own reused Ray actor (data-parallel ones as Ray Train runs), and MLflow records
+the search as a parent run with one child per trial.
 At the end the best trial's best checkpoint is evaluated once on the test split.
 """
 
@@ -28,6 +29,7 @@ from prado_dist.search import (
     run_search,
     tracking_uri,
 )
+from prado_dist.search.console import quiet_libraries
 from prado_dist.train import announce_data
 
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the space name)")
     parser.add_argument("--resume", action="store_true", help="continue the newest (or --name) search")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also Tune's tables and result boxes, and Ray's, Optuna's, MLflow's logs"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -80,6 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         resume=args.resume,
         mlflow_uri=tracking_uri(args.mlflow_uri),
         experiment=args.experiment,
+        verbose=args.verbose,
     )
 
 
@@ -114,6 +120,7 @@ def print_summary(outcome: SearchOutcome, metric: str, mlflow_uri: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    quiet_libraries(args.verbose)
     try:
         settings = settings_from_args(args)
         prepared = prepare_search(settings)  # data, storage and MLflow are checked before Ray starts

@@ -53,17 +53,20 @@ def build_trainer(
     max_failures: int = 2,
     keep_checkpoints: int = 2,
     callbacks: Sequence[ray.train.UserCallback] = (),
+    resume_from: str | None = None,
+    epoch_lines: bool = True,
 ) -> TorchTrainer:
     """A TorchTrainer running `config` on `resources.workers` workers.
 
     Checkpoints: one per epoch, the best `keep_checkpoints` by validation balanced accuracy kept
     (Ray also keeps the latest, to resume from). A restarted run with the same `name` and
-    `storage` resumes from its latest checkpoint.
+    `storage` resumes from its latest checkpoint; a new one starts from `resume_from` (a checkpoint's
+    URI, e.g. a Tune trial's) when given. `epoch_lines`: rank 0 prints a line per epoch.
     """
     check_global_batch(config.batch_size, resources.workers)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump_json()},
+        train_loop_config={"config": config.model_dump_json(), "resume_from": resume_from, "epoch_lines": epoch_lines},
         torch_config=torch_config(resources),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,

@@ -60,18 +60,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     devices = ",".join(_gather(str(run.device)))  # rank order: where each worker trains (e.g. "cuda:0,cuda:0")
     placement_group = ray.util.get_current_placement_group()
     # Reported so that whoever stops this run early can free its placement group (see
-    # prado_dist.search.trial.PlacementGroupReleaser).
+    # prado_dist.search.train_workarounds.PlacementGroupReleaser).
     placement_group_id = placement_group.id.hex() if placement_group is not None else ""
     # Reported with every epoch: the Ray nodes this run's workers train on (multi-node placement is
     # visible), each rank's device, and the placement group.
     placement = {"node_ids": node_ids, "devices": devices, "placement_group_id": placement_group_id}
+    # Train V2 takes a starting checkpoint through the loop's config (its trainers no longer accept
+    # resume_from_checkpoint); the run's own latest checkpoint, after a worker failure, comes first.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             run.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=run.device))
 
     def report(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
-        if rank == 0:
+        if rank == 0 and loop_config.get("epoch_lines", True):  # a search prints its own line per result
             print(epoch_line(metrics, config.epochs), flush=True)
         # Every rank must call report; only rank 0 writes the (identical) state as a checkpoint.
         with tempfile.TemporaryDirectory() as directory:

@@ -1,4 +1,4 @@
-"""A whole search: Optuna TPE + ASHA over Ray Train trials, recorded in MLflow, then a final test.
+"""A whole search: Optuna TPE + ASHA over Tune trials, recorded in MLflow, then a final test.
 
 Order of work: validate everything that can be validated (space, data, resources, MLflow) before
 any trial starts; run the Tuner (new, or restored with `resume=True`); evaluate the best trial's
@@ -39,16 +39,12 @@ from prado_dist.engine.reporting import (
     plot_trial_curves,
     write_confusion_csv,
 )
+from prado_dist.search.console import TrialLines
 from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
 from prado_dist.search.space import Choice, LogUniform, SearchSpace
 from prado_dist.search.tracking import EndedTrial, SearchTracker, connect, git_commit
-from prado_dist.search.trial import (
-    TRIAL_DRIVER_RESOURCES,
-    PlacementGroupReleaser,
-    console_metrics,
-    run_trial,
-    train_storage_path,
-)
+from prado_dist.search.train_workarounds import PlacementGroupReleaser
+from prado_dist.search.trial import run_trial, train_storage_path, trial_resources
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "prado_search.json"  # next to Tune's own state: the MLflow parent run of the search
@@ -72,6 +68,8 @@ class SearchSettings:
     algorithm: str = "tpe"  # "tpe" (Optuna) or "random" (Tune's random sampling)
     early_stopping: bool = True  # ASHA; False runs every trial to the full budget
     epoch_budget: int | None = None  # stop the search once trials have trained this many epochs
+    verbose: bool = False  # Tune's tables and result boxes, and the libraries' INFO logs
+    callbacks: list[tune.Callback] = field(default_factory=list)  # more Tune callbacks (benches, tests)
 
 
 @dataclass
@@ -173,20 +171,21 @@ def check_storage_writable(path: Path) -> None:
         raise SearchError(f"storage {path} is not writable: {err}; pass a writable --storage") from None
 
 
-def make_trainable(space: SearchSpace, location: SearchLocation, base_config: TrainConfig):
-    """The trial function as Tune runs it: its fixed arguments and the little its driver reserves."""
+def make_trainable(space: SearchSpace, location: SearchLocation, base_config: TrainConfig, verbose: bool = False):
+    """The trial function as Tune runs it: its fixed arguments and what each trial's actor reserves."""
+    resources, ray_train = space.trial.worker_resources(), space.trial.uses_ray_train
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base_config=base_config.model_dump_json(),
-            resources=space.trial.worker_resources(),
+            resources=resources,
+            ray_train=ray_train,
             train_storage=train_storage_path(location.uri),
             metric=space.metric,
+            verbose=verbose,
         ),
-        TRIAL_DRIVER_RESOURCES,
+        trial_resources(resources, ray_train),
     )
-    # Read by Tune (ray.tune.progress_reporter._detect_progress_metrics): what its result boxes show.
-    trainable._progress_metrics = console_metrics(space.metric)
     return trainable
 
 
@@ -195,7 +194,7 @@ def build_tuner(
 ) -> tune.Tuner:
     space = settings.space
     resources = space.trial.worker_resources()
-    trainable = make_trainable(space, location, base_config)
+    trainable = make_trainable(space, location, base_config, settings.verbose)
     if settings.resume:
         if not tune.Tuner.can_restore(location.uri):
             raise SearchError(f"--resume: {location.uri} holds no Tune experiment to resume")
@@ -223,14 +222,26 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=space.num_samples,
             max_concurrent_trials=concurrent,
+            # A one-worker trial's actor trains the next trial too: torch, data and CUDA stay warm.
+            # A Ray Train trial's actor owns a Train controller that must end with its trial.
+            reuse_actors=not space.trial.uses_ray_train,
         ),
         run_config=tune.RunConfig(
             name=location.name,
             storage_path=location.parent_uri,
             failure_config=tune.FailureConfig(max_failures=settings.trial_failures),
-            callbacks=[PlacementGroupReleaser(), tracker],
+            # The best two epochs by the space's own metric, and the latest (Tune keeps it to resume).
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=space.metric, checkpoint_score_order=space.mode
+            ),
+            callbacks=[
+                *([PlacementGroupReleaser()] if space.trial.uses_ray_train else []),
+                TrialLines(space.metric, space.mode, space.epochs),
+                tracker,
+                *settings.callbacks,
+            ],
             stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None,
-            verbose=1,
+            verbose=1 if settings.verbose else 0,  # else TrialLines says what a person needs
         ),
     )
 
@@ -443,35 +454,50 @@ def trial_history(result) -> list[dict[str, Any]]:
 
     Tune starts a restored trial's result files afresh: after `--resume`, a trial interrupted after
     epoch 2 lists only epoch 3 (measured in tests/test_search.py). The earlier epochs are taken from
-    the history that the trial's Train checkpoints carry.
+    the history that the trial's checkpoints carry.
     """
     frame = result.metrics_dataframe
     rows = [] if frame is None else frame.to_dict("records")
     first = min((int(row[EPOCHS_COMPLETED]) for row in rows if EPOCHS_COMPLETED in row), default=1)
-    return (_epochs_from_checkpoint(rows, before=first) + rows) if first > 1 else rows
+    return (_epochs_from_checkpoint(result, before=first) + rows) if first > 1 else rows
 
 
-def _epochs_from_checkpoint(rows: list[dict[str, Any]], before: int) -> list[dict[str, Any]]:
-    """The epochs before `before` from the history in the newest checkpoint that still exists."""
-    for row in reversed(rows):
-        uri = row.get("checkpoint_path")
-        if not isinstance(uri, str):
+def _epochs_from_checkpoint(result, before: int) -> list[dict[str, Any]]:
+    """The epochs before `before` from the history in the trial's newest checkpoint that still exists."""
+    newest_first = [result.checkpoint, *(checkpoint for checkpoint, _ in reversed(result.best_checkpoints or []))]
+    for checkpoint in newest_first:
+        if checkpoint is None:
             continue
         try:
-            history = load_ray_checkpoint(uri)["history"]
-        except Exception as err:  # pruned by the keep-best-N rule, or storage unreachable
-            logger.debug("checkpoint %s: %s", uri, err)
+            history = load_ray_checkpoint(checkpoint)["history"]
+        except Exception as err:  # storage unreachable, or a checkpoint pruned meanwhile
+            logger.debug("checkpoint %s: %s", checkpoint, err)
             continue
         return [dict(entry) for entry in history if int(entry.get(EPOCHS_COMPLETED, 0)) < before]
-    logger.warning("the epochs before %d of a resumed trial are in MLflow and its Train logs only", before)
+    logger.warning("the epochs before %d of a resumed trial are in MLflow and its Tune logs only", before)
     return []
+
+
+def best_checkpoint(results, space: SearchSpace) -> tuple[str, dict[str, Any], Any]:
+    """(trial id, metrics, checkpoint) of the best kept checkpoint of any trial by the space's metric."""
+    sign = 1 if space.mode == "max" else -1
+    candidates = [
+        (sign * metrics[space.metric], result_trial_id(result), metrics, checkpoint)
+        for result in results
+        for checkpoint, metrics in (result.best_checkpoints or [])
+        if space.metric in metrics
+    ]
+    if not candidates:
+        errors = [str(r.error)[:300] for r in results if r.error]
+        raise SearchError(f"no trial produced a checkpoint; errors: {errors or 'none reported'}")
+    _, trial_id, metrics, checkpoint = max(candidates, key=lambda candidate: candidate[0])
+    return trial_id, metrics, checkpoint
 
 
 def summarise(results, space: SearchSpace, data: PreparedData, path: Path, parent_id: str) -> SearchOutcome:
     """Best trial and its best checkpoint, evaluated once on the test split; the baseline's score."""
     sign = 1 if space.mode == "max" else -1
     trials: dict[str, dict[str, Any]] = {}
-    best: tuple[float, str, dict, Path] | None = None
     for result in results:
         rows = [row for row in trial_history(result) if space.metric in row]
         trial_id = result_trial_id(result)
@@ -490,17 +516,8 @@ def summarise(results, space: SearchSpace, data: PreparedData, path: Path, paren
             "first_epoch_s": float(rows[0]["epoch_seconds"]) if rows else None,
             "devices": str(rows[-1].get("devices", "")) if rows else "",  # each worker's, e.g. "cuda:0"
         }
-        for row in rows:
-            if row.get("checkpoint_path"):
-                score = sign * row[space.metric]
-                if best is None or score > best[0]:
-                    best = (score, trial_id, row, row["checkpoint_path"])
-    if best is None:
-        errors = [str(r.error)[:300] for r in results if r.error]
-        raise SearchError(f"no trial produced a checkpoint; errors: {errors or 'none reported'}")
-    _, best_id, best_row, checkpoint_uri = best
-    # The best epoch is among the checkpoints Ray keeps (best N by the same metric); local or remote.
-    state = load_ray_checkpoint(checkpoint_uri)
+    best_id, best_row, checkpoint = best_checkpoint(results, space)
+    state = load_ray_checkpoint(checkpoint)  # local or remote storage
     test_metrics, confusion = evaluate_checkpoint(state, data, "test")
     baseline = space.baseline_point()
     baseline_trial = next(

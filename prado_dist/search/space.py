@@ -71,13 +71,22 @@ class SearcherSettings(_Strict):
 
 
 class TrialResources(_Strict):
-    workers: int = Field(1, ge=1)  # data-parallel Ray Train workers per trial
+    """How each trial runs. One worker (the default): the engine trains inside the trial's own Tune
+    actor, reused between trials (issue 20). `workers` >= 2, or `ray_train: always`: a Ray Train run
+    (TorchTrainer, DDP over the workers), e.g. to compare both paths."""
+
+    workers: int = Field(1, ge=1)  # data-parallel workers per trial
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    ray_train: Literal["auto", "always"] = "auto"  # auto: Ray Train only for workers >= 2
 
     def worker_resources(self) -> WorkerResources:
-        """What each trial's Ray Train run asks for."""
-        return WorkerResources(**self.model_dump())
+        """What each trial's worker(s) ask for."""
+        return WorkerResources(self.workers, self.cpus_per_worker, self.gpus_per_worker)
+
+    @property
+    def uses_ray_train(self) -> bool:
+        return self.workers > 1 or self.ray_train == "always"
 
 
 class SearchSpace(_Strict):

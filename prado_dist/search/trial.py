@@ -1,67 +1,43 @@
-"""One Tune trial = one Ray Train run, and the clean-up that lets the next trial start.
+"""One Tune trial: the engine trains inside the trial's own actor, or a Ray Train run trains it.
 
-Why trials hung on a 2-CPU machine (measured while building this; see README "Resources"):
-
-1. A function trainable reserves 1 CPU by default. The trial function only waits on the Train
-   controller, yet that CPU is then missing for the Train workers; with the default concurrency
-   Tune starts as many trial drivers as there are CPUs and no worker can ever be scheduled.
-   Here the driver reserves a sliver of memory instead of a CPU, and concurrency is computed from
-   what the *workers* need (`prado_dist.distributed.max_concurrent_runs`).
-2. When ASHA stops a trial, Tune kills the trial actor; the Train controller it owns dies with it,
-   ungracefully. Train V2's PlacementGroupCleaner is meant to remove the workers' placement group
-   then, but it detects the controller's death through the Ray State API, which needs the
-   dashboard: without a dashboard it only logs "Failed to query Ray Train Controller actor state"
-   and the placement group (and its CPUs) stays reserved until the driver exits
-   (ray-project/ray#54305). The next trial's worker group then never starts
-   (WorkerGroupStartupTimeoutError). `PlacementGroupReleaser` removes the placement group of every
-   trial that ends, using the id each run reports.
-3. A trial stopped before its first report (a search-wide stop such as the epoch budget, or one
-   killed while its controller waited for resources) has reported no id, and a placement group
-   still pending when its controller died is created *afterwards*, reserved for nobody (measured:
-   two such groups held both CPUs and the next search waited forever). Ray removes a placement
-   group only when its creator actor *and* job are dead, so the job's driver must: the releaser
-   also sweeps, every few seconds, the placement groups of this job whose creator actor is dead
-   (`release_orphaned_placement_groups`, read from the GCS table, no dashboard needed).
+A one-worker trial (the default of every space) runs the engine's `TrainingRun` inside its Tune
+trial actor, which reserves the trial's CPUs and GPU fraction itself; Tune reuses the actor for the
+next trial, so torch stays imported, the decoded data mapped and a GPU's CUDA context warm. Nested
+Ray Train runs cost every trial three processes and 20-60 s of start-up on 2 cores (issue 20;
+bench/README.md, trial_cycle.py). Data-parallel trials (`trial.workers` >= 2, or `trial.ray_train:
+always`) are Ray Train runs, whose reports reach Tune with their checkpoints. Either way every epoch
+is reported to Tune with a checkpoint, and a retried or resumed trial continues from the newest one.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import time
+import tempfile
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray.train
 from ray import tune
-from ray.tune.experiment import Trial
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.util.placement_group import PlacementGroup
+from ray.util.queue import Queue
 
 from prado_dist.config import TrainConfig
-from prado_dist.distributed import WorkerResources, build_trainer
+from prado_dist.data import PreparedData
+from prado_dist.distributed import CHECKPOINT_FILE, WorkerResources, build_trainer
+from prado_dist.engine import TrainingRun, load_checkpoint, load_data, save_checkpoint
+from prado_dist.search.console import ordered_metrics, quiet_libraries
 
-logger = logging.getLogger(__name__)
-
-# What the trial function itself reserves: no CPU (it only waits), but Tune needs a non-empty
-# request, so a little memory it really uses.
-TRIAL_DRIVER_RESOURCES = tune.PlacementGroupFactory([{"memory": 64 * 1024**2}])
-
-
-# Tune's status table shows the first four metrics of a result, so these come first; its per-trial
-# result boxes show only these (not the per-class precision and recall, which MLflow keeps).
-CONSOLE_METRICS = ("val_balanced_accuracy", "val_loss", "train_loss", "val_accuracy", "epochs_completed", "lr")
+# A trial that runs Ray Train only waits on its controller: it reserves no CPU (the workers need
+# them; see bench/README.md, "Ray on a 2-CPU machine"), but Tune needs a non-empty request.
+RAY_TRAIN_DRIVER_RESOURCES = tune.PlacementGroupFactory([{"memory": 64 * 1024**2}])
 
 
-def console_metrics(metric: str) -> list[str]:
-    """The metrics Tune prints for a search on `metric`: that metric first, then CONSOLE_METRICS."""
-    return [metric, *(name for name in CONSOLE_METRICS if name != metric)]
-
-
-def train_run_name(trial_id: str) -> str:
-    """The Ray Train run of a trial; stable across restarts so that they find its checkpoints."""
-    return f"trial-{trial_id}"
+def trial_resources(resources: WorkerResources, ray_train: bool) -> tune.PlacementGroupFactory:
+    """What Tune reserves for each trial's actor: the one worker's share, or a Ray Train trial's sliver."""
+    if ray_train:
+        return RAY_TRAIN_DRIVER_RESOURCES
+    return tune.PlacementGroupFactory([resources.per_worker()])
 
 
 def run_trial(
@@ -69,199 +45,112 @@ def run_trial(
     *,
     base_config: str,
     resources: WorkerResources,
+    ray_train: bool,
     train_storage: str,
-    max_failures: int = 0,
-    metric: str = CONSOLE_METRICS[0],
+    metric: str,
+    verbose: bool = False,
 ) -> None:
-    """Tune's trial function: `base_config` (TrainConfig JSON) with `params` applied, via Ray Train."""
+    """Tune's trial function: `base_config` (TrainConfig JSON) with `params` applied."""
+    quiet_libraries(verbose)  # e.g. a line per checkpoint written, forwarded to the driver's console
     config = TrainConfig.model_validate_json(base_config).with_overrides(params)
+    if ray_train:
+        train_with_ray_train(config, resources, train_storage, metric)
+    else:
+        train_in_actor(config, metric)
+
+
+# --- one worker: the engine in this actor ----------------------------------------------------------
+_decoded: dict[tuple, PreparedData] = {}  # survives between the trials of a reused actor
+
+
+def trial_data(config: TrainConfig) -> PreparedData:
+    """The decoded split images of `config`, opened once per actor (a memory map of the cache)."""
+    key = (config.data_dir, config.image_size, config.cache_dir, config.test_fraction, config.val_fraction)
+    key += (config.split_seed,)
+    if key not in _decoded:
+        _decoded.clear()  # another dataset or size: the previous one is not needed again
+        _decoded[key] = load_data(config)
+    return _decoded[key]
+
+
+def train_in_actor(config: TrainConfig, metric: str) -> None:
+    """Train `config` here, reporting each epoch to Tune with its checkpoint.
+
+    A new `TrainingRun` per trial: seeds, model, BatchNorm settings, optimiser and EMA copy are built
+    from this trial's config alone, so nothing of the actor's previous trial carries over (feature
+    caches are keyed by the backbone's weights).
+    """
+    run = TrainingRun(config, trial_data(config))
+    placement = {"node_ids": ray.get_runtime_context().get_node_id(), "devices": str(run.device)}
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            run.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=run.device))
+
+    def report(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(Path(directory) / CHECKPOINT_FILE, run.state_dict(epoch))
+            tune.report(
+                ordered_metrics({**metrics, **placement}, metric), checkpoint=tune.Checkpoint.from_directory(directory)
+            )
+
+    if restored is not None and run.start_epoch >= config.epochs:
+        # Restored after its last epoch (the driver was killed before Tune saw the trial end): report
+        # that epoch again, so that the trial ends with its metrics and checkpoint.
+        tune.report(ordered_metrics({**run.history[-1], **placement}, metric), checkpoint=restored)
+        return
+    run.fit(on_epoch_end=report)
+
+
+# --- data-parallel: a Ray Train run ----------------------------------------------------------------
+def train_with_ray_train(config: TrainConfig, resources: WorkerResources, train_storage: str, metric: str) -> None:
+    """Run `config` as a Ray Train run and hand each of its reports to Tune, checkpoint included.
+
+    Train's callbacks run in its controller actor, where `tune.report` cannot be called; they pass
+    each report through a queue to this function, which reports it. The run is named per attempt and
+    starts from Tune's checkpoint, so a retried, resumed (or, in population-based training, cloned)
+    trial continues from what Tune holds rather than from the Train run's own folder.
+    """
+    reports = Queue(actor_options={"num_cpus": 0})
+    restored = tune.get_checkpoint()
     trainer = build_trainer(
         config,
         resources,
         storage=train_storage,
-        name=train_run_name(tune.get_context().get_trial_id()),
-        # Worker failures are retried by Tune (FailureConfig of the search), which reruns this
-        # function; the Train run of the same name then resumes from its latest checkpoint.
-        max_failures=max_failures,
-        callbacks=[ConsoleOrderedTuneReport(console_metrics(metric))],
+        name=f"trial-{tune.get_context().get_trial_id()}-{uuid.uuid4().hex[:8]}",
+        max_failures=0,  # a failed trial is retried by Tune (the search's FailureConfig)
+        resume_from=restored.path if restored is not None else None,
+        epoch_lines=False,  # the search prints one line per result (console.TrialLines)
+        callbacks=[ForwardToTune(reports)],
     )
-    trainer.fit()
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised in the trial's own thread below
+            outcome["error"] = err
+        finally:
+            reports.put(None)
+
+    threading.Thread(target=fit, name="ray-train-fit", daemon=True).start()
+    while (item := reports.get()) is not None:
+        metrics, checkpoint = item
+        tune.report(ordered_metrics(metrics, metric), checkpoint=checkpoint)
+    if "error" in outcome:
+        raise outcome["error"]
 
 
-class ConsoleOrderedTuneReport(TuneReportCallback):
-    """Ray's TuneReportCallback, with `first` at the front of each result (see CONSOLE_METRICS)."""
+class ForwardToTune(ray.train.UserCallback):
+    """Ray Train callback: each report's rank-0 metrics and persisted checkpoint, onto `queue`."""
 
-    def __init__(self, first: list[str]) -> None:
-        super().__init__()
-        self.first = first
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        ordered = {name: metrics[0][name] for name in self.first if name in metrics[0]} | metrics[0]
-        super().after_report(run_context, [ordered, *metrics[1:]], checkpoint)
-
-
-class PlacementGroupReleaser(tune.Callback):
-    """Remove the Ray Train placement group of every trial that ends (stopped, finished or failed),
-    and every placement group of this job whose creator has died (see the module docstring)."""
-
-    SWEEP_EVERY_S = 2.0
-
-    def __init__(self) -> None:
-        self._placement_groups: dict[str, str] = {}
-        self._last_sweep = 0.0
-
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if result.get("placement_group_id"):
-            self._placement_groups[trial.trial_id] = result["placement_group_id"]
-
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self._release(trial)
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        self._release(trial)
-
-    def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
-        # A killed trial's controller dies a moment after Tune reports the trial ended; sweep again later.
-        if time.monotonic() - self._last_sweep >= self.SWEEP_EVERY_S:
-            self._last_sweep = time.monotonic()
-            release_orphaned_placement_groups()
-
-    def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        # Trials ended without a completion event (e.g. a search-wide stop) still hold theirs.
-        for group_id in self._placement_groups.values():
-            release_placement_group(group_id)
-        self._placement_groups.clear()
-        release_orphaned_placement_groups(wait_s=10.0)  # the last trials' controllers are being stopped
-        stop_orphaned_cleaners(every_one=True)  # every trial actor is stopped by now
-
-    def _release(self, trial: Trial) -> None:
-        group_id = self._placement_groups.pop(trial.trial_id, None)
-        if group_id:
-            release_placement_group(group_id)
-        release_orphaned_placement_groups()
-        stop_orphaned_cleaners()
-
-
-def release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
-    """Remove this job's placement groups whose creator actor is dead; returns how many.
-
-    With `wait_s`, first wait (up to that long) for the creator actors of the job's remaining
-    placement groups to die, e.g. the controllers of trials that Tune is stopping.
-    """
-    deadline = time.monotonic() + wait_s
-    while True:
-        groups = _job_placement_groups()
-        waiting_on_live_creator = not all(groups.values())
-        if not waiting_on_live_creator or time.monotonic() >= deadline:
-            break
-        time.sleep(0.25)
-    released = sum(release_placement_group(group_id) for group_id, dead in groups.items() if dead)
-    if released:
-        logger.info("released %d placement group(s) left by trials that ended before reporting", released)
-    return released
-
-
-def _job_placement_groups() -> dict[str, bool]:
-    """{group id: creator actor dead} of this job's live groups that an actor created.
-
-    Groups the driver created itself (Tune's trial groups) have no creator actor and are left to Tune.
-    `ray.util.placement_group_table` does not show the creator, so the GCS records are read directly.
-    """
-    from ray._private import state  # the GCS table; ray.util.state would need the dashboard
-    from ray.core.generated import gcs_pb2
-
-    try:
-        job = bytes.fromhex(ray.get_runtime_context().get_job_id())
-        records = state.state._connect_and_get_accessor().get_placement_group_table()
-    except Exception as err:  # best effort: never let clean-up fail a search
-        logger.debug("cannot read the placement group table: %s", err)
-        return {}
-    groups = {}
-    for raw in records:
-        record = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        creator = record.creator_actor_id
-        if (
-            record.state == gcs_pb2.PlacementGroupTableData.REMOVED
-            or record.is_detached
-            or record.creator_job_id != job
-            or not creator.strip(b"\xff")  # nil: created by the driver
-        ):
-            continue
-        groups[record.placement_group_id.hex()] = record.creator_actor_dead
-    return groups
-
-
-def release_placement_group(group_id: str) -> bool:
-    """Remove placement group `group_id` (hex) unless it is already gone; True if removed here."""
-    state = ray.util.placement_group_table().get(group_id, {}).get("state")
-    if state in (None, "REMOVED"):
-        return False
-    try:
-        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
-    except Exception as err:  # removed concurrently by the controller's own shutdown
-        logger.debug("placement group %s: %s", group_id, err)
-        return False
-    logger.info("released placement group %s of a stopped trial", group_id[:12])
-    return True
-
-
-def stop_orphaned_cleaners(every_one: bool = False) -> int:
-    """End the PlacementGroupCleaner actors that this job's ended Train runs left on this node.
-
-    Every Train run starts a detached PlacementGroupCleaner that polls the State API once a second
-    until its controller is dead. Without the dashboard it never learns that, so each trial that Tune
-    kills (an ASHA stop; with ASHA also every trial at its last epoch, which is max_t) leaves one
-    Ray worker process behind until Ray shuts down, or for good on a persistent cluster, since it is
-    detached. Measured: 12 alive after a 12-trial search (bench/search_load.py). Its placement group
-    is released above; here the process is ended. The GCS actor table (no dashboard needed) names a
-    cleaner's owner, its controller. A cleaner is ended when that controller is dead, or always with
-    `every_one` once no Train run of the job is left. Only cleaners on this node can be reached, by
-    pid: Train puts them on the head node, where the driver normally runs. Returns how many were ended.
-    """
-    from ray._private import state  # the GCS actor table; ray.util.state would need the dashboard
-
-    try:
-        context = ray.get_runtime_context()
-        actors = list(state.actors(job_id=ray.JobID.from_hex(context.get_job_id())).values())
-        node = context.get_node_id()
-    except Exception as err:  # best effort: never let clean-up fail a search
-        logger.debug("cannot read the actor table: %s", err)
-        return 0
-
-    def address(entry: dict) -> tuple[str, int]:
-        return entry["IPAddress"], entry["Port"]
-
-    controllers = [actor for actor in actors if actor["ActorClassName"] == "TrainController"]
-    alive = {address(actor["Address"]) for actor in controllers if actor["State"] != "DEAD"}
-    dead = {address(actor["Address"]) for actor in controllers if actor["State"] == "DEAD"}
-    ended = 0
-    for actor in actors:
-        if actor["ActorClassName"] != "PlacementGroupCleaner" or actor["State"] != "ALIVE":
-            continue
-        owner = address(actor["OwnerAddress"])
-        orphaned = every_one or (owner in dead and owner not in alive)
-        if orphaned and actor["Address"]["NodeID"] == node and _terminate(actor["Pid"], "ray::PlacementGroupCleaner"):
-            ended += 1
-    if ended:
-        logger.info("ended %d PlacementGroupCleaner actor(s) of finished Train runs", ended)
-    return ended
-
-
-def _terminate(pid: int, expected_title: str) -> bool:
-    """SIGTERM `pid` if it is still the process named `expected_title` (pids are reused)."""
-    try:
-        if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(expected_title.encode()):
-            return False
-        os.kill(pid, signal.SIGTERM)
-    except OSError:
-        return False
-    return True
-
-
-def leftover_placement_groups() -> list[str]:
-    """Placement groups still holding (or waiting for) resources."""
-    return [pg for pg, info in ray.util.placement_group_table().items() if info.get("state") != "REMOVED"]
+        self.queue.put((dict(metrics[0]), checkpoint))
 
 
 def train_storage_path(search_dir: Path | str) -> str:
+    """Where a search's Ray Train runs write their own checkpoints (data-parallel trials only)."""
     return f"{str(search_dir).rstrip('/')}/train"

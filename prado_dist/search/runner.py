@@ -429,14 +429,17 @@ def repair_mlflow_records(tracker: SearchTracker, results, metric: str) -> None:
     """Fill what MLflow lacks from Tune's results (records a killed driver never wrote, trials that
     ended while it was gone); if MLflow is still unreachable, the search goes on without."""
     tracker.records.flush()
-    added = 0
+    added, known = 0, set()
     try:
         for result in results:
             if result.config is None:  # never started: a search-wide stop came first
                 continue
             trial_id = result_trial_id(result)
+            known.add(trial_id)
             ended = EndedTrial(trial_id, dict(result.config), trial_history(result), _error_line(result.error))
             added += tracker.reconcile(ended, metric)
+        if lost := tracker.remove_lost_trials(known):
+            logger.warning("%d trial(s) started just before the driver was killed were not resumed by Tune", lost)
     except Exception as err:
         logger.warning("could not check the trials' MLflow records against Tune's results (%s)", err)
         return

@@ -283,6 +283,27 @@ class SearchTracker(tune.Callback):
             self.client.set_terminated(run_id, status=status)
         return len(missing)
 
+    def remove_lost_trials(self, known: set[str]) -> int:
+        """Delete child runs of trials that Tune's state does not hold; returns how many.
+
+        A trial started moments before the driver was killed exists in MLflow but not in Tune's last
+        experiment snapshot, so `--resume` never continues it (Tune starts a new trial instead). Its
+        child run is tagged, ended as KILLED and deleted (MLflow keeps deleted runs restorable).
+        """
+        query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'"
+        lost = [
+            run
+            for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=10_000)
+            if run.data.tags.get("trial_id") not in known
+        ]
+        for run in lost:
+            self.client.set_tag(
+                run.info.run_id, "lost", "started just before the driver was killed; not in Tune's state"
+            )
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            self.client.delete_run(run.info.run_id)
+        return len(lost)
+
 
 @dataclass(frozen=True)
 class EndedTrial:

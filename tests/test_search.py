@@ -78,7 +78,8 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
         assert f"[{trial_id}] started: lr " in console
         assert console.count(f"[{trial_id}] epoch ") == trial["epochs"]
         ended = "finished" if not trial["stopped_early"] else "stopped early"
-        assert f"[{trial_id}] {ended} after {trial['epochs']} epochs, best val_balanced_accuracy" in console
+        epochs = f"{trial['epochs']} epoch" + ("s" if trial["epochs"] != 1 else "")
+        assert f"[{trial_id}] {ended} after {epochs}, best val_balanced_accuracy" in console
     assert "val_recall_" not in console and "Checkpoint successfully created" not in console
     # The report's configuration was evaluated, and the final test evaluation ran once.
     assert outcome.baseline_val is not None

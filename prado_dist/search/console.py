@@ -87,10 +87,10 @@ class TrialLines(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         epochs = int(self._last.get(trial.trial_id, {}).get(EPOCHS_COMPLETED, 0))
-        how = "finished" if epochs >= self.epochs else "stopped early (ASHA or the epoch budget)"
+        how = "finished" if epochs >= self.epochs else "stopped early"  # by ASHA or the epoch budget
         best = self._best.get(trial.trial_id)
         best_text = f", best {self.metric} {best:.4f}" if best is not None else ""
-        print(f"[{trial.trial_id}] {how} after {epochs} epochs{best_text}", flush=True)
+        print(f"[{trial.trial_id}] {how} after {epochs} epoch{'' if epochs == 1 else 's'}{best_text}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         print(f"[{trial.trial_id}] failed; its error is in {trial.path}/error.txt", flush=True)

@@ -122,7 +122,7 @@ def test_placement_groups_whose_creator_died_are_released() -> None:
     import ray
     from ray.util import placement_group, placement_group_table
 
-    from prado_dist.search.trial import _job_placement_groups, release_orphaned_placement_groups
+    from prado_dist.search.train_workarounds import _job_placement_groups, release_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Controller:

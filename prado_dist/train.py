@@ -21,6 +21,7 @@ from prado_dist.config import ConfigError, TrainConfig
 from prado_dist.data import DataError, PreparedData, split_counts
 from prado_dist.data.demo import demo_data_dir
 from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, load_data, save_checkpoint
+from prado_dist.engine.metrics import SELECTION_METRIC
 from prado_dist.engine.reporting import (
     confusion_table,
     epoch_line,
@@ -131,8 +132,8 @@ def train_single_process(config: TrainConfig, data: PreparedData, out: Path) -> 
     def on_epoch_end(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
         print(epoch_line(metrics, config.epochs), flush=True)
         save_checkpoint(out / "last.pt", run.state_dict(epoch))
-        if metrics["val_balanced_accuracy"] > best["score"]:
-            best["score"] = metrics["val_balanced_accuracy"]
+        if metrics[SELECTION_METRIC] > best["score"]:
+            best["score"] = metrics[SELECTION_METRIC]
             save_checkpoint(best["path"], run.state_dict(epoch))
 
     history = run.fit(on_epoch_end)

@@ -70,7 +70,7 @@ def test_data_is_decoded_once_per_actor_and_changes_with_the_size(small_demo: Pa
     assert loads == [32, 40]
 
 
-SMALL = {"num_samples": 1, "epochs": 3, "image_size": 32, "scheduler.grace_period": 3}
+SMALL = {"num_samples": 1, "epochs": 3, "image_size": 32, "scheduler.grace_period": 4}
 
 
 def search_settings(small_demo: Path, tmp_path: Path, name: str, **overrides: Any) -> SearchSettings:
@@ -136,3 +136,32 @@ def test_trial_whose_process_is_killed_resumes_from_its_last_epoch(small_demo: P
     # Epoch 1 was not trained again: the retried trial started from its checkpoint.
     assert KillOnce.epochs == [1, 2, 3]
     assert [epoch for epoch, _ in result["curve"]] == [1, 2, 3]
+
+
+class FakeResult:
+    def __init__(self, trial_id: str, losses: list[float]) -> None:
+        self.metrics = {"trial_id": trial_id}
+        self.error = None
+        self.best_checkpoints = [(f"{trial_id}-{epoch}", {"val_loss": loss}) for epoch, loss in enumerate(losses)]
+
+
+def test_best_checkpoint_follows_the_spaces_metric_and_mode() -> None:
+    from prado_dist.search.runner import best_checkpoint
+
+    space = load_space("demo", {"metric": "val_loss", "mode": "min"})
+    results = [FakeResult("a", [1.2, 0.9]), FakeResult("b", [0.7, 1.5])]
+    trial_id, metrics, checkpoint = best_checkpoint(results, space)
+    assert (trial_id, metrics["val_loss"], checkpoint) == ("b", 0.7, "b-0")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_on_val_loss_keeps_and_tests_the_lowest_loss_checkpoint(small_demo: Path, tmp_path: Path) -> None:
+    settings = search_settings(small_demo, tmp_path, "loss", metric="val_loss", mode="min", epochs=4)
+    with local_ray(num_cpus=2):
+        outcome = run_search(settings)
+    result = only_trial(outcome)
+    losses = [value for _, value in result["curve"]]
+    assert len(losses) == 4
+    assert outcome.best_val["val_loss"] == pytest.approx(min(losses))
+    assert outcome.best_val["epochs_completed"] == 1 + losses.index(min(losses))

@@ -20,10 +20,9 @@ from prado_dist.distributed.resources import (
 )
 from prado_dist.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
 from prado_dist.engine import load_checkpoint
+from prado_dist.engine.metrics import SELECTION_METRIC
 
 logger = logging.getLogger(__name__)
-
-SELECTION_METRIC = "val_balanced_accuracy"  # the classes are imbalanced (Goya 46%): accuracy flatters
 
 
 def storage_uri(storage: str | Path) -> str:
@@ -55,10 +54,11 @@ def build_trainer(
     callbacks: Sequence[ray.train.UserCallback] = (),
     resume_from: str | None = None,
     epoch_lines: bool = True,
+    selection: tuple[str, str] = (SELECTION_METRIC, "max"),
 ) -> TorchTrainer:
     """A TorchTrainer running `config` on `resources.workers` workers.
 
-    Checkpoints: one per epoch, the best `keep_checkpoints` by validation balanced accuracy kept
+    Checkpoints: one per epoch, the best `keep_checkpoints` by `selection` (metric, mode) kept
     (Ray also keeps the latest, to resume from). A restarted run with the same `name` and
     `storage` resumes from its latest checkpoint; a new one starts from `resume_from` (a checkpoint's
     URI, e.g. a Tune trial's) when given. `epoch_lines`: rank 0 prints a line per epoch.
@@ -66,7 +66,7 @@ def build_trainer(
     check_global_batch(config.batch_size, resources.workers)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump_json(), "resume_from": resume_from, "epoch_lines": epoch_lines},
+        train_loop_config={"config": config, "resume_from": resume_from, "epoch_lines": epoch_lines},
         torch_config=torch_config(resources),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
@@ -79,8 +79,8 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=keep_checkpoints,
-                checkpoint_score_attribute=SELECTION_METRIC,
-                checkpoint_score_order="max",
+                checkpoint_score_attribute=selection[0],
+                checkpoint_score_order=selection[1],
             ),
             callbacks=list(callbacks),
         ),

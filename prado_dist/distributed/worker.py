@@ -41,9 +41,9 @@ def quiet_ray_report_log() -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; `loop_config["config"]` is a `TrainConfig` as JSON."""
+    """Ray Train entry point; `loop_config["config"]` is the `TrainConfig` to train."""
     quiet_ray_report_log()
-    config = TrainConfig.model_validate_json(loop_config["config"])
+    config: TrainConfig = loop_config["config"]  # pickled by Ray: pydantic models travel as objects
     context = ray.train.get_context()
     rank = context.get_world_rank()
     run = TrainingRun(

@@ -5,7 +5,7 @@
 weights-only-loadable checkpoints; schedule.py is the report's learning-rate schedule.
 """
 
-from prado_dist.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prado_dist.engine.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, save_checkpoint
 from prado_dist.engine.loop import InputPipeline, NonFiniteLossError, evaluate, train_one_epoch
 from prado_dist.engine.metrics import Counts, metrics_from_counts
 from prado_dist.engine.schedule import exponential_decay_after
@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingRun",
     "evaluate",
+    "checkpoint_config",
     "evaluate_checkpoint",
     "exponential_decay_after",
     "load_checkpoint",

@@ -6,13 +6,14 @@ dump, so a foreign or tampered file cannot run code when loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from prado_dist.config import TrainConfig
 
 CHECKPOINT_FORMAT = 1
 
@@ -64,5 +65,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def config_to_json(config: Any) -> str:
-    return config.model_dump_json() if hasattr(config, "model_dump_json") else json.dumps(config)
+def checkpoint_config(state: dict[str, Any]) -> TrainConfig:
+    """The `TrainConfig` a checkpoint was trained with (stored as JSON: checkpoints hold plain types
+    only, so that they load with `weights_only=True`)."""
+    return TrainConfig.model_validate_json(state["config"])

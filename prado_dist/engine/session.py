@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from prado_dist.config import TrainConfig
 from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, prepare_data, split_counts
 from prado_dist.engine.batchnorm import recalibrate_batchnorm, training_batchnorm_layers
-from prado_dist.engine.checkpoint import CheckpointError
+from prado_dist.engine.checkpoint import CheckpointError, checkpoint_config
 from prado_dist.engine.features import (
     FeatureDataset,
     FeatureHead,
@@ -440,7 +440,7 @@ def evaluate_checkpoint(
     state: dict[str, Any], data: PreparedData, split: str = "test", device: str = "auto"
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics and confusion matrix of a checkpoint's model on one split (single process)."""
-    config = TrainConfig.model_validate_json(state["config"]).with_overrides({"device": device})
+    config = checkpoint_config(state).with_overrides({"device": device})
     run = TrainingRun(config, data)
     run.load_model_state(state["model"])
     metrics, counts = run.evaluate(split)

@@ -30,7 +30,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData
 from prado_dist.distributed import check_fits, load_ray_checkpoint, max_concurrent_runs, storage_uri
-from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_data
+from prado_dist.engine import TrainingRun, checkpoint_config, evaluate_checkpoint, load_data
 from prado_dist.engine.export import PaintingClassifier
 from prado_dist.engine.reporting import (
     ParameterAxis,
@@ -177,11 +177,12 @@ def make_trainable(space: SearchSpace, location: SearchLocation, base_config: Tr
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
-            base_config=base_config.model_dump_json(),
+            base_config=base_config,
             resources=resources,
             ray_train=ray_train,
             train_storage=train_storage_path(location.uri),
             metric=space.metric,
+            mode=space.mode,
             verbose=verbose,
         ),
         trial_resources(resources, ray_train),
@@ -601,7 +602,7 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     from mlflow.models import infer_signature
 
     state = outcome._state  # type: ignore[attr-defined]
-    train_config = TrainConfig.model_validate_json(state["config"]).with_overrides({"device": "cpu"})
+    train_config = checkpoint_config(state).with_overrides({"device": "cpu"})
     run = TrainingRun(train_config, data)
     # The whole network on images (a transfer run may have trained its head on cached features).
     run.load_model_state(state["model"])

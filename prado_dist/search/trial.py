@@ -43,18 +43,19 @@ def trial_resources(resources: WorkerResources, ray_train: bool) -> tune.Placeme
 def run_trial(
     params: dict[str, Any],
     *,
-    base_config: str,
+    base_config: TrainConfig,
     resources: WorkerResources,
     ray_train: bool,
     train_storage: str,
     metric: str,
+    mode: str = "max",
     verbose: bool = False,
 ) -> None:
-    """Tune's trial function: `base_config` (TrainConfig JSON) with `params` applied."""
+    """Tune's trial function: `base_config` with `params` applied."""
     quiet_libraries(verbose)  # e.g. a line per checkpoint written, forwarded to the driver's console
-    config = TrainConfig.model_validate_json(base_config).with_overrides(params)
+    config = base_config.with_overrides(params)
     if ray_train:
-        train_with_ray_train(config, resources, train_storage, metric)
+        train_with_ray_train(config, resources, train_storage, metric, mode)
     else:
         train_in_actor(config, metric)
 
@@ -103,7 +104,9 @@ def train_in_actor(config: TrainConfig, metric: str) -> None:
 
 
 # --- data-parallel: a Ray Train run ----------------------------------------------------------------
-def train_with_ray_train(config: TrainConfig, resources: WorkerResources, train_storage: str, metric: str) -> None:
+def train_with_ray_train(
+    config: TrainConfig, resources: WorkerResources, train_storage: str, metric: str, mode: str
+) -> None:
     """Run `config` as a Ray Train run and hand each of its reports to Tune, checkpoint included.
 
     Train's callbacks run in its controller actor, where `tune.report` cannot be called; they pass
@@ -119,6 +122,7 @@ def train_with_ray_train(config: TrainConfig, resources: WorkerResources, train_
         storage=train_storage,
         name=f"trial-{tune.get_context().get_trial_id()}-{uuid.uuid4().hex[:8]}",
         max_failures=0,  # a failed trial is retried by Tune (the search's FailureConfig)
+        selection=(metric, mode),
         resume_from=restored.path if restored is not None else None,
         epoch_lines=False,  # the search prints one line per result (console.TrialLines)
         callbacks=[ForwardToTune(reports)],

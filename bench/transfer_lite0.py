@@ -13,7 +13,7 @@ pass) and training:
 
     python bench/transfer_lite0.py --image-size 96 --cnns mobilenet
     python bench/transfer_lite0.py --image-size 224 --cnns mobilenet resnet29 vgg   # the issue's size: hours on 2 cores
-Appends one JSON line (all configurations) to bench/results/transfer_lite0.jsonl.
+Appends one JSON line per configuration (a shared run_id) to bench/results/transfer_lite0.jsonl.
 """
 
 from __future__ import annotations
@@ -47,13 +47,21 @@ def configurations(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "lite0 frozen": {**TRANSFER, "pretrained": "package"},
         "lite0 frozen, random weights": dict(TRANSFER),
     }
-    for stages in args.finetune_stages:
-        runs[f"lite0 fine-tune {stages}"] = {
-            **TRANSFER, "pretrained": "package", "unfreeze_stages": stages, "epochs": args.finetune_epochs,
+    finetune = {
+        f"lite0 fine-tune {stages}": {
+            **TRANSFER,
+            "pretrained": "package",
+            "unfreeze_stages": stages,
+            "epochs": args.finetune_epochs,
             "lr": args.finetune_lr,
-        }  # fmt: skip
-    for cnn in args.cnns:
-        runs[f"{cnn} from scratch"] = {"model": cnn, "epochs": args.cnn_epochs}
+        }
+        for stages in args.finetune_stages
+    }
+    scratch = {f"{cnn} from scratch": {"model": cnn, "epochs": args.cnn_epochs} for cnn in args.cnns}
+    first, *rest = list(finetune.items()) or [(None, None)]
+    # The first fine-tuning before the CNNs, the others after: a run cut short still compares each kind.
+    ordered = ([first] if first[0] else []) + list(scratch.items()) + rest
+    runs.update(ordered)
     return runs
 
 
@@ -101,18 +109,18 @@ def main() -> int:
     # A cold feature cache, so that the frozen run's time includes its one backbone pass.
     common = {"image_size": args.image_size, "data_dir": args.data, "device": "cpu",
               "cache_dir": Path(tempfile.mkdtemp(prefix="transfer-lite0-"))}  # fmt: skip
-    results = {}
+    counts = split_counts(data)
+    shared = {"data": f"{args.data.name} ({len(data.labels)} images)", "image_size": args.image_size,
+              "images": {split: sum(values) for split, values in counts.items()},
+              "run_id": time.strftime("%Y%m%dT%H%M%S")}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, overrides in configurations(args).items():
-        results[name] = best_epoch_run(overrides, data, common)
-        result = results[name]
+        result = best_epoch_run(overrides, data, common)
+        # One line per configuration, written as it finishes (a CPU run takes long); run_id groups them.
+        with args.out.open("a") as out:
+            out.write(json.dumps(record({**shared, "configuration": name, **result})) + "\n")
         print(f"{name:30s} test balanced accuracy {result['test_balanced_accuracy']:.3f} "
               f"(best epoch {result['best_epoch']}) in {result['wall_s']:7.1f} s", flush=True)  # fmt: skip
-    counts = split_counts(data)
-    line = record({"data": f"{args.data.name} ({len(data.labels)} images)", "image_size": args.image_size,
-                   "images": {split: sum(values) for split, values in counts.items()}, "runs": results})  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as out:
-        out.write(json.dumps(line) + "\n")
     return 0
 
 

@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (e.g. 0.97)"
     )
-    parser.add_argument("--pretrained", type=Path, default=None, help="transfer models: local weight file")
+    parser.add_argument(
+        "--pretrained",
+        type=Path,
+        default=None,
+        help="transfer models: a weight file, hf-cache, or package (lite0's installed ImageNet weights)",
+    )
     parser.add_argument("--unfreeze-stages", type=int, default=0, help="transfer models: stages to fine-tune")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (single-process runs)")

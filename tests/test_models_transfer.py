@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from prado_dist.models import TransferModel, create_model, list_models
-from prado_dist.models.transfer import TRANSFER_BACKBONES
+from prado_dist.models.transfer import OFFLINE_BACKBONES, TRANSFER_BACKBONES
 
 REPORT_BACKBONES = list_models(family="transfer")
+BACKBONES = {**TRANSFER_BACKBONES, **OFFLINE_BACKBONES}  # registered name -> (timm model, pooling)
 
 
 @pytest.fixture(autouse=True)
@@ -43,14 +44,14 @@ def train_step(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_report_backbones_are_registered() -> None:
-    assert sorted(REPORT_BACKBONES) == sorted(TRANSFER_BACKBONES)
+    assert sorted(REPORT_BACKBONES) == sorted(BACKBONES)
 
 
 @pytest.mark.parametrize("name", REPORT_BACKBONES)
 def test_frozen_backbone_trains_only_the_head(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, output_bias=[0.5, 0.0, 0.0, 0.0, -0.5])
-    timm_name, pool = TRANSFER_BACKBONES[name]
+    timm_name, pool = BACKBONES[name]
     assert model.timm_name == timm_name
     assert isinstance(model.global_pool, nn.AdaptiveMaxPool2d if pool == "max" else nn.AdaptiveAvgPool2d)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -198,8 +198,8 @@ class TrainingRun:
         if isinstance(model, TransferModel) and self.config.pretrained is None:
             announce_once(
                 f"{self.config.model}: no pretrained weights given, so the backbone is randomly initialised (seed "
-                f"{self.config.seed}) and is not the report's ImageNet feature extractor; pass pretrained=PATH or "
-                "hf-cache (docs/transfer.md)",
+                f"{self.config.seed}) and is not the report's ImageNet feature extractor; pass pretrained=PATH, "
+                "hf-cache or package (lite0; docs/transfer.md)",
                 logging.WARNING,
             )
 

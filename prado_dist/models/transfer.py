@@ -11,17 +11,21 @@ pooling (VGG19: max, the others: average) and one new Dense(5, softmax). The tim
 | `mobilenetv2`     | MobileNetV2       | `mobilenetv2_100`      |
 | `vgg19`           | VGG19             | `vgg19`                |
 
+`lite0` is the same recipe on timm's `tf_efficientnet_lite0`, the one backbone whose ImageNet weights
+install from the package index (issue 24; prado_dist/models/lite0_weights.py).
+
 `timm:<name>` (through `create_model`) wraps any other timm model the same way, with average pooling.
 
-Weights are never downloaded: `pretrained` is a local `.safetensors` / `.pth` file, or "hf-cache" for
-an already-populated Hugging Face cache read with the hub forced offline.
+Weights are never downloaded: `pretrained` is a local `.safetensors` / `.pth` file, "hf-cache" for
+an already-populated Hugging Face cache read with the hub forced offline, or "package" for weights
+that an installed Python package ships (`PACKAGE_WEIGHTS`: EfficientNet-Lite0 only).
 """
 
 from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,16 @@ from torch import nn
 
 from prado_dist.models._layers import check_num_classes, make_classifier
 from prado_dist.models._registry import register_model
+from prado_dist.models.lite0_weights import PACKAGE as LITE0_PACKAGE
+from prado_dist.models.lite0_weights import TIMM_NAME as LITE0_TIMM_NAME
+from prado_dist.models.lite0_weights import package_state_dict as lite0_package_state_dict
 
 HF_CACHE = "hf-cache"
+PACKAGE = "package"
+# timm model -> (package, its weights renamed onto a full timm state dict of that model)
+PACKAGE_WEIGHTS: dict[str, tuple[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]] = {
+    LITE0_TIMM_NAME: (LITE0_PACKAGE, lite0_package_state_dict),
+}
 
 # report name -> (timm backbone, global pooling of the report's head)
 TRANSFER_BACKBONES: dict[str, tuple[str, str]] = {
@@ -42,6 +54,8 @@ TRANSFER_BACKBONES: dict[str, tuple[str, str]] = {
     "mobilenetv2": ("mobilenetv2_100", "avg"),
     "vgg19": ("vgg19", "max"),
 }
+# The report's recipe on backbones whose ImageNet weights install offline (pretrained="package").
+OFFLINE_BACKBONES: dict[str, tuple[str, str]] = {"lite0": (LITE0_TIMM_NAME, "avg")}
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -127,8 +141,8 @@ def build_backbone(timm_name: str, pretrained: Path | str | None) -> nn.Module:
     if not timm.is_model(timm_name):
         raise ValueError(f"unknown timm model {timm_name!r}; see timm.list_models() for the available names")
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
-    if pretrained is not None and str(pretrained) == HF_CACHE:
-        pretrained = HF_CACHE  # TrainConfig.pretrained is a Path: Path("hf-cache") != "hf-cache"
+    if pretrained is not None and str(pretrained) in (HF_CACHE, PACKAGE):
+        pretrained = str(pretrained)  # TrainConfig.pretrained is a Path: Path("hf-cache") != "hf-cache"
     if pretrained == HF_CACHE:
         from huggingface_hub import constants
 
@@ -151,17 +165,40 @@ def build_backbone(timm_name: str, pretrained: Path | str | None) -> nn.Module:
         # forward() runs even with num_classes=0; Keras VGG19(include_top=False) has no fc layers.
         # forward_features() is the conv stack with its final max pool (Keras "block5_pool").
         backbone.pre_logits = nn.Identity()
-    if pretrained is not None and pretrained != HF_CACHE:
+    if pretrained == PACKAGE:
+        load_backbone_weights(backbone, package_weights(timm_name), source=f"package {PACKAGE_WEIGHTS[timm_name][0]}")
+    elif pretrained is not None and pretrained != HF_CACHE:
         path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained weights for timm model '{timm_name}' not found: expected a file at {path} "
-                f"(e.g. {timm_name}.safetensors). Weights are never downloaded here; on a machine with "
-                f"internet run `{export_command(timm_name)}` and copy the file over, or use "
-                f"pretrained='{HF_CACHE}' with an existing Hugging Face cache."
-            )
-        load_backbone_weights(backbone, read_weight_file(path), source=str(path))
+        load_backbone_weights(backbone, weight_file(timm_name, path), source=str(path))
     return backbone
+
+
+def weight_file(timm_name: str, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in `path`; FileNotFoundError says how to make such a file."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights for timm model '{timm_name}' not found: expected a file at {path} "
+            f"(e.g. {timm_name}.safetensors). Weights are never downloaded here; on a machine with "
+            f"internet run `{export_command(timm_name)}` and copy the file over, or use "
+            f"pretrained='{HF_CACHE}' with an existing Hugging Face cache."
+        )
+    return read_weight_file(path)
+
+
+def package_weights(timm_name: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights an installed package ships for `timm_name`, under timm's names (classifier too)."""
+    if timm_name not in PACKAGE_WEIGHTS:
+        offline = ", ".join(f"'{name}' (model {model!r})" for model, (name, _) in OFFLINE_BACKBONES.items())
+        raise ValueError(
+            f"pretrained='{PACKAGE}': no installable weights for timm model '{timm_name}'; packaged weights "
+            f"exist for {offline}. Pass a weight file as pretrained=PATH instead (docs/transfer.md)"
+        )
+    _, convert = PACKAGE_WEIGHTS[timm_name]
+    # Renamed against the full model (classifier included), so that every packaged tensor is accounted
+    # for; built under a forked RNG so the new head's initialisation is the same as without weights.
+    with torch.random.fork_rng(devices=[]):
+        target = timm.create_model(timm_name, pretrained=False).state_dict()
+    return convert(target)
 
 
 def backbone_stages(backbone: nn.Module) -> list[list[str]]:
@@ -295,8 +332,8 @@ class TransferModel(nn.Module):
 def _register_report_model(name: str, description: str) -> None:
     """Register `name` as a constructor of the report's transfer model on its timm backbone and pooling.
 
-    One explicit signature for all four: `create_model` checks keyword arguments against it."""
-    timm_name, global_pool = TRANSFER_BACKBONES[name]
+    One explicit signature for all of them: `create_model` checks keyword arguments against it."""
+    timm_name, global_pool = {**TRANSFER_BACKBONES, **OFFLINE_BACKBONES}[name]
 
     def constructor(
         num_classes: int = 5,
@@ -320,3 +357,4 @@ _register_report_model("efficientnet_b3", "Keras EfficientNetV2B3 (the report's 
 _register_report_model("resnet50v2", "Keras ResNet50V2")
 _register_report_model("mobilenetv2", "Keras MobileNetV2")
 _register_report_model("vgg19", "Keras VGG19, its conv stack only (no fc6/fc7)")
+_register_report_model("lite0", "EfficientNet-Lite0, ImageNet weights with pretrained='package'")

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 from prado_dist.config import ConfigError, TrainConfig
 from prado_dist.data import DataError, PreparedData, split_counts
 from prado_dist.data.demo import demo_data_dir
-from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, load_data, save_checkpoint
+from prado_dist.engine import (
+    TrainingRun,
+    evaluate_checkpoint,
+    load_checkpoint,
+    load_data,
+    resolve_device,
+    save_checkpoint,
+)
 from prado_dist.engine.reporting import (
     confusion_table,
     epoch_line,
@@ -68,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", type=Path, default=None, help="transfer models: local weight file")
     parser.add_argument("--unfreeze-stages", type=int, default=0, help="transfer models: stages to fine-tune")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (single-process runs)")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda: where --single-process trains and the final test runs"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/train-MODEL-TIME)")
     ray_group = parser.add_argument_group("Ray Train")
     ray_group.add_argument("--workers", type=int, default=1, help="data-parallel workers")
@@ -188,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args, announce_data(args.data))
+        resolve_device(args.device)  # the final test runs there: refused now, not after training
         if not args.single_process:
             resources_from_args(args)  # --workers 0 and the like fail before the images are decoded
         data = load_data(config)

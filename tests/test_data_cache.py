@@ -186,8 +186,9 @@ def test_decompression_bomb_is_rejected(tmp_path: Path, monkeypatch: pytest.Monk
 def test_no_decodable_image_is_an_error(tmp_path: Path) -> None:
     for painter in ("a", "b"):
         (tmp_path / "data" / painter).mkdir(parents=True)
-        (tmp_path / "data" / painter / "x.jpg").write_bytes(b"junk")
-    with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
+        for index in range(3):  # enough files to split: decoding is what fails
+            (tmp_path / "data" / painter / f"{index}.jpg").write_bytes(b"junk")
+    with pytest.raises(DataError, match="none of the 6 image files could be decoded"):
         prepare_data(tmp_path / "data", SIZE, cache_dir=tmp_path / "cache")
     assert [path.name for path in (tmp_path / "cache").iterdir() if not path.name.endswith(".lock")] == []
 

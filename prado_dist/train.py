@@ -35,7 +35,7 @@ from prado_dist.engine.reporting import (
     plot_learning_curves,
     write_confusion_csv,
 )
-from prado_dist.models import is_model, list_models
+from prado_dist.models import is_model, unknown_model
 
 if TYPE_CHECKING:  # imported lazily below: --single-process runs never import Ray
     from prado_dist.distributed import WorkerResources
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, data_dir: Path | None) -> TrainConfig:
     if not is_model(args.model):  # checked here, before the images are decoded
-        raise ConfigError(f"--model {args.model!r} is unknown; known models: {list_models()} or 'timm:<name>'")
+        raise ConfigError(f"--model: {unknown_model(args.model)}")
     fields = {
         "model": args.model,
         "data_dir": data_dir,

@@ -21,6 +21,7 @@ from prado_dist.search import (
     SearchOutcome,
     SearchSettings,
     TrackingError,
+    check_search,
     known_spaces,
     load_space,
     parse_set,
@@ -116,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        check_search(settings.space)  # what would fail inside every trial: before any decode
         prepared = prepare_search(settings)  # data, storage and MLflow are checked before Ray starts
         connect(args.address, num_cpus=args.num_cpus)
         outcome = run_search(prepared)

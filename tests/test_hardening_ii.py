@@ -279,3 +279,44 @@ def test_fetch_transient_os_error_is_still_retried(tmp_path: Path, monkeypatch) 
     csv_path = painter_csv(tmp_path / "prado.csv", ["https://example.invalid/a.jpg"])
     args = argparse.Namespace(csv=csv_path, out=tmp_path / "out", concurrency=1, retries=2, timeout=1.0, backoff=0.0)
     assert fetch.main(args) == 1 and len(attempts) == 3
+
+
+# --- item 6: what used to fail only inside trials, checked on the driver (search/preflight.py) --------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--workers-per-trial", "3"], ["global batch size 32 does not split evenly over 3 workers", "30 or 33"]),
+        (["--set", "pretrained=/missing.safetensors"], ["pretrained=/missing.safetensors: no such file"]),
+        (["--set", "model=timm:typo"], ["timm has no model 'typo'", "timm.list_models()"]),
+        (
+            ["--set", "model=timm:resnet18", "--set", "pretrained=/tmp"],
+            ["pretrained=/tmp: no such file (it is a folder)"],
+        ),
+    ],
+    ids=["workers-vs-batch", "missing-pretrained", "timm-typo", "pretrained-folder"],
+)
+def test_settings_that_fail_every_trial_exit_2_before_decoding(
+    argv: list[str], expected: list[str], small_demo: Path, tmp_path: Path, mlflow_uri: str, decoded, capsys
+) -> None:
+    code, err = run_tune(search_args(small_demo, tmp_path, mlflow_uri, *argv), capsys)
+    assert code == 2 and err.startswith("error: ")
+    for text in expected:
+        assert text in err
+    assert decoded == [] and not (tmp_path / "runs").exists()  # nor a search folder, nor a parent run
+
+
+def test_searched_batch_sizes_must_split_over_the_workers(tmp_path: Path, capsys) -> None:
+    path = space_file(tmp_path, "  batch_size: {distribution: choice, values: [32, 48]}", fixed="image_size: 32")
+    code, err = run_tune(["--space", str(path), "--workers-per-trial", "3"], capsys)
+    assert code == 2 and "batch_size: the searched {'values': [32, 48]} draws 32" in err
+    code, err = run_tune(["--space", str(path), "--workers-per-trial", "2", "--storage", "/proc/x"], capsys)
+    assert code == 2 and "batch_size" not in err  # 32 and 48 split over 2: the next check (storage) speaks
+
+
+def test_train_refuses_an_unknown_timm_model_before_decoding(small_demo: Path, tmp_path: Path, decoded, capsys) -> None:
+    code = train_main(["--model", "timm:resnet_typo", "--data", str(small_demo), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model: timm has no model 'resnet_typo'" in err and "similar: ['" in err
+    assert decoded == []

@@ -16,7 +16,7 @@ from ray import tune
 
 from prado_dist.config import ConfigError, TrainConfig, format_validation_error
 from prado_dist.distributed import WorkerResources
-from prado_dist.models import is_model, list_models
+from prado_dist.models import is_model, unknown_model
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 REPORTED_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_loss")
@@ -110,7 +110,7 @@ class SearchSpace(_Strict):
     @classmethod
     def _known_model(cls, model: str) -> str:
         if not is_model(model):
-            raise ValueError(f"unknown model {model!r}; known models: {list_models()} or 'timm:<name>'")
+            raise ValueError(unknown_model(model))
         return model
 
     @field_validator("params")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import json
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,68 @@ def test_train_refuses_an_unknown_timm_model_before_decoding(small_demo: Path, t
     err = capsys.readouterr().err
     assert code == 2 and "--model: timm has no model 'resnet_typo'" in err and "similar: ['" in err
     assert decoded == []
+
+
+# --- item 2: train into an existing --out ------------------------------------------------------------
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--single-process", "--model", "mobilenet", "--data", str(data), "--image-size", "32", "--epochs", "2",
+        "--batch-size", "4", "--bn-recalibration-images", "0", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, list[dict]]:
+    """A 2-epoch single-process run stopped by Ctrl-C during its second epoch: (data, out, history)."""
+    from prado_dist.engine import TrainingRun
+
+    data = painters(tmp_path / "data", {"bosch": 6, "greco": 6})
+    original = TrainingRun.run_epoch
+
+    def interrupt_second(self, epoch: int):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingRun, "run_epoch", interrupt_second)
+        with pytest.raises(KeyboardInterrupt):
+            train_main(train_args(data, tmp_path / "out"))
+    history = torch.load(tmp_path / "out" / "last.pt", weights_only=False)["history"]
+    return data, tmp_path / "out", history
+
+
+def test_train_into_an_existing_out_is_refused(interrupted_run, decoded: list[Path], capsys) -> None:
+    data, out, _ = interrupted_run
+    before = sorted(path.name for path in out.iterdir())
+    assert train_main(train_args(data, out)) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {out} already holds files" in err and "--resume" in err
+    assert decoded == [] and sorted(path.name for path in out.iterdir()) == before
+
+
+def test_resume_with_other_settings_names_what_changed(interrupted_run, decoded: list[Path], capsys) -> None:
+    data, out, _ = interrupted_run
+    assert train_main(train_args(data, out, "--resume", "--lr", "0.01")) == 2
+    err = capsys.readouterr().err
+    assert "other settings (lr 0.001 -> 0.01)" in err and decoded == []
+
+
+def test_resume_on_other_data_is_refused(interrupted_run, capsys) -> None:
+    data, out, _ = interrupted_run
+    noise_image(data / "greco" / "0.png", (20, 14), seed=999)  # same folder, one painting replaced
+    assert train_main(train_args(data, out, "--resume")) == 2
+    assert "trained on other data" in capsys.readouterr().err
+
+
+def test_resume_continues_and_a_finished_run_is_not_resumed(interrupted_run, capsys) -> None:
+    data, out, history = interrupted_run
+    assert len(history) == 1
+    assert train_main(train_args(data, out, "--resume")) == 0
+    resumed = json.loads((out / "history.json").read_text())
+    assert len(resumed) == 2 and resumed[0] == history[0]  # epoch 1 kept, epoch 2 trained
+    capsys.readouterr()
+    assert train_main(train_args(data, out, "--resume")) == 2
+    assert "has finished" in capsys.readouterr().err

@@ -286,4 +286,7 @@ def test_real_paintings(tmp_path: Path) -> None:
     assert np.bincount(prepared.labels).tolist() == [59, 141, 262, 255, 66] and prepared.rejected == []
     assert [len(prepared.splits[name]) for name in ("train", "val", "test")] == [501, 126, 156]
     for row in (0, 400, 782):
-        np.testing.assert_array_equal(prepared.images[row], reference_decode(prepared.paths[row], 64))
+        # JPEGs are decoded at half scale here (Pillow's draft, 128 px >= 64), then resized: within a
+        # few levels of a full decode (mean 1.9 over every 8th painting; issue 21, item 11).
+        difference = prepared.images[row].astype(int) - reference_decode(prepared.paths[row], 64)
+        assert np.abs(difference).mean() < 4

@@ -386,3 +386,44 @@ def test_resume_continues_and_a_finished_run_is_not_resumed(interrupted_run, cap
     capsys.readouterr()
     assert train_main(train_args(data, out, "--resume")) == 2
     assert "has finished" in capsys.readouterr().err
+
+
+# --- item 11: decoding with a bounded footprint ------------------------------------------------------
+
+
+def gradient(width: int, height: int) -> np.ndarray:
+    """A smooth RGB image (noise would make any two resampling methods disagree)."""
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    return (np.stack([x, y, (x + y) / 2], axis=-1) * 255).astype(np.uint8)
+
+
+def test_large_jpeg_is_decoded_at_reduced_size_and_other_formats_are_limited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache_module, "MAX_DECODE_PIXELS", 1_000_000)
+    pixels = gradient(3000, 2000)  # 6 MP: over the limit in full, 94 kP at the 1/8 scale draft picks
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    decoded = cache_module.decode_image(tmp_path / "big.jpg", 64)
+    reference = np.asarray(Image.fromarray(pixels).resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.abs(decoded.astype(int) - reference).mean() < 3
+    with pytest.raises(cache_module.ImageRejected) as rejected:
+        cache_module.decode_image(tmp_path / "big.png", 64)
+    assert str(rejected.value).startswith(f"{tmp_path / 'big.png'} would decode to 3000x2000 px (6.0 MP)")
+
+
+def test_sixteen_bit_image_is_rescaled_without_a_full_size_float_copy(tmp_path: Path) -> None:
+    import tracemalloc
+
+    values = (np.linspace(0, 65535, 2000 * 2000).reshape(2000, 2000)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    tracemalloc.start()  # numpy reports its allocations to tracemalloc; Pillow's own buffers are not counted
+    try:
+        decoded = cache_module.decode_image(tmp_path / "deep.png", 32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024**2  # a float64 copy of the image alone is 32 MB
+    expected = np.asarray(Image.fromarray(values).resize((32, 32), Image.Resampling.BILINEAR)) / 257
+    assert np.abs(decoded[..., 0].astype(float) - expected).max() <= 1
+    assert (decoded[..., 0] == decoded[..., 2]).all()

@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="search name (default SPACE-TIME)")
     parser.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the space name)")
-    parser.add_argument("--resume", action="store_true", help="continue the newest (or --name) search")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest (or --name) search; Tune's state and the checkpoints in --storage are unpickled, "
+        "which can run any code: only resume from storage you trust",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

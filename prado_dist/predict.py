@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prado_dist.predict", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-id", help="MLflow run that logged the model (a search's parent run)")
-    source.add_argument("--model-uri", help="any MLflow model URI, e.g. runs:/RUN_ID/model or models:/NAME/1")
+    source.add_argument(
+        "--model-uri",
+        help="any MLflow model URI, e.g. runs:/RUN_ID/model or models:/NAME/1; loading a model unpickles it, "
+        "which can run any code: only load models you trust",
+    )
     parser.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("images", nargs="+", type=Path)

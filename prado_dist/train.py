@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 from prado_dist.config import ConfigError, TrainConfig
 from prado_dist.data import DataError, PreparedData, split_counts
 from prado_dist.data.demo import demo_data_dir
-from prado_dist.engine import TrainingRun, evaluate_checkpoint, load_checkpoint, load_data, save_checkpoint
+from prado_dist.engine import (
+    TrainingRun,
+    evaluate_checkpoint,
+    load_checkpoint,
+    load_data,
+    resolve_device,
+    save_checkpoint,
+)
 from prado_dist.engine.metrics import SELECTION_METRIC
 from prado_dist.engine.reporting import (
     confusion_table,
@@ -29,7 +36,7 @@ from prado_dist.engine.reporting import (
     plot_learning_curves,
     write_confusion_csv,
 )
-from prado_dist.models import is_model, list_models
+from prado_dist.models import is_model, unknown_model
 
 if TYPE_CHECKING:  # imported lazily below: --single-process runs never import Ray
     from prado_dist.distributed import WorkerResources
@@ -74,8 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--unfreeze-stages", type=int, default=0, help="transfer models: stages to fine-tune")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (single-process runs)")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda: where --single-process trains and the final test runs"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/train-MODEL-TIME)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run in --out, with the same settings and data; its checkpoints are "
+        "unpickled (torch.load), so only resume runs you trust",
+    )
     ray_group = parser.add_argument_group("Ray Train")
     ray_group.add_argument("--workers", type=int, default=1, help="data-parallel workers")
     ray_group.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
@@ -89,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, data_dir: Path | None) -> TrainConfig:
     if not is_model(args.model):  # checked here, before the images are decoded
-        raise ConfigError(f"--model {args.model!r} is unknown; known models: {list_models()} or 'timm:<name>'")
+        raise ConfigError(f"--model: {unknown_model(args.model)}")
     fields = {
         "model": args.model,
         "data_dir": data_dir,
@@ -129,10 +144,16 @@ def announce_data(data: Path | None) -> Path | None:
     return data
 
 
-def train_single_process(config: TrainConfig, data: PreparedData, out: Path) -> tuple[dict, list[dict]]:
-    """Train in this process, keeping the best epoch's checkpoint; returns (best state, history)."""
+def train_single_process(
+    config: TrainConfig, data: PreparedData, out: Path, resume: bool = False
+) -> tuple[dict, list[dict]]:
+    """Train in this process, keeping the best epoch's checkpoint; returns (best state, history).
+    With `resume`, training goes on after the epoch of `out/last.pt`, when there is one."""
     run = TrainingRun(config, data)
     best = {"score": float("-inf"), "path": out / "best.pt"}
+    if resume and (out / "last.pt").is_file():
+        run.load_state_dict(load_checkpoint(out / "last.pt"))
+        best["score"] = max((row["val_balanced_accuracy"] for row in run.history), default=float("-inf"))
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
         print(epoch_line(metrics, config.epochs), flush=True)
@@ -189,24 +210,68 @@ def final_report(state: dict, history: list[dict], data: PreparedData, out: Path
     return metrics
 
 
+RUN_FILE = "run.json"  # in --out: the data fingerprint a run trains on, checked by --resume
+
+
+def check_out_folder(out: Path, config: TrainConfig, resume: bool) -> None:
+    """A new run needs an empty --out; --resume needs an unfinished run there with the same settings.
+
+    Ray Train resumes a run from the checkpoints in its storage (OUT/ray), optimiser state and
+    learning rate included, whatever the new settings; a finished run would train nothing and the new
+    config.json would land beside the old metrics (issue 21, item 2).
+    """
+    if not resume:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(
+                f"--out {out} already holds files (an earlier run?); pass another --out (or none: a new "
+                "runs/train-MODEL-TIME is made), or --resume to continue that run with the same settings"
+            )
+        return
+    if not (out / "config.json").is_file():
+        raise ConfigError(f"--resume: {out} holds no run to continue (no config.json); drop --resume to start one")
+    if (out / "test_metrics.json").is_file():
+        raise ConfigError(f"--resume: the run in {out} has finished (test_metrics.json); start a new one elsewhere")
+    earlier = json.loads((out / "config.json").read_text())
+    now = json.loads(config.model_dump_json())
+    changed = {key: (earlier.get(key), now[key]) for key in now if earlier.get(key) != now[key]}
+    if changed:
+        listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise ConfigError(f"--resume: the run in {out} has other settings ({listing}); resume with its settings")
+
+
+def check_same_data(out: Path, fingerprint: str) -> None:
+    """--resume: the run's images must be the ones it started on (the cache key of their contents)."""
+    recorded = json.loads((out / RUN_FILE).read_text()).get("data_fingerprint") if (out / RUN_FILE).is_file() else None
+    if recorded != fingerprint:
+        raise DataError(
+            f"--resume: the run in {out} trained on other data (fingerprint {recorded or 'not recorded'}, "
+            f"now {fingerprint[:12]}...); resume it with the same --data, or start a new run"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args, announce_data(args.data))
+        resolve_device(args.device)  # the final test runs there: refused now, not after training
         if not args.single_process:
             resources_from_args(args)  # --workers 0 and the like fail before the images are decoded
+        out = (args.out or Path("runs") / f"train-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        check_out_folder(out, config, args.resume)
         data = load_data(config)
+        if args.resume:
+            check_same_data(out, data.fingerprint)
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = (args.out or Path("runs") / f"train-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.model_dump_json(indent=2))
+    (out / RUN_FILE).write_text(json.dumps({"data_fingerprint": data.fingerprint}))
     counts = split_counts(data)
     print(f"{config.model} on {len(data.labels)} images, classes {data.classes}; per split {counts}", flush=True)
     if args.single_process:
-        state, history = train_single_process(config, data, out)
+        state, history = train_single_process(config, data, out, resume=args.resume)
     else:
         from prado_dist.distributed import ResourceError
 

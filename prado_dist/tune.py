@@ -22,6 +22,7 @@ from prado_dist.search import (
     SearchOutcome,
     SearchSettings,
     TrackingError,
+    check_search,
     known_spaces,
     load_space,
     parse_set,
@@ -48,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="search name (default SPACE-TIME)")
     parser.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the space name)")
-    parser.add_argument("--resume", action="store_true", help="continue the newest (or --name) search")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest (or --name) search; Tune's state and the checkpoints in --storage are unpickled, "
+        "which can run any code: only resume from storage you trust",
+    )
     parser.add_argument(
         "--verbose", action="store_true", help="also Tune's tables and result boxes, and Ray's, Optuna's, MLflow's logs"
     )
@@ -123,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries(args.verbose)
     try:
         settings = settings_from_args(args)
+        check_search(settings.space)  # what would fail inside every trial: before any decode
         prepared = prepare_search(settings)  # data, storage and MLflow are checked before Ray starts
         connect(args.address, num_cpus=args.num_cpus)
         outcome = run_search(prepared)

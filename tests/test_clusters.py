@@ -258,6 +258,47 @@ def test_storage_uri_is_defined_once(gpu_config: dict[str, Any]) -> None:
     assert "YOUR-BUCKET" in gpu_config["setup_commands"][0] and "exit 1" in gpu_config["setup_commands"][0]
 
 
+def ray_start_commands(config: dict[str, Any]) -> list[str]:
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    return [command for command in starts if "ray start" in command]
+
+
+def test_every_ray_start_uses_token_authentication(gpu_config: dict[str, Any]) -> None:
+    starts = ray_start_commands(gpu_config)
+    assert len(starts) == 2  # head and workers
+    for command in starts:
+        words = shlex.split(command.split(";")[-1])  # after `ulimit -n ...;`
+        assert words[:3] == ["RAY_AUTH_MODE=token", "ray", "start"], command
+    # Drivers and every other Ray process in the container authenticate too.
+    assert "--env RAY_AUTH_MODE=token" in gpu_config["docker"]["run_options"]
+    assert not any("RAY_AUTH_MODE=disabled" in text for text in strings_in(gpu_config))
+
+
+def test_auth_token_is_handed_to_every_node_and_never_written_in_the_config(gpu_config: dict[str, Any]) -> None:
+    # Created with `ray get-auth-token --generate` where `ray up` runs; file_mounts go to every node.
+    assert gpu_config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "ray get-auth-token --generate" in GPU_YAML.read_text()
+    assert not any("RAY_AUTH_TOKEN=" in text for text in strings_in(gpu_config))
+    # A node without the token stops at setup with what to do, not at `ray start`.
+    checks = [c for c in gpu_config["setup_commands"] if "~/.ray/auth_token" in c]
+    assert len(checks) == 1 and "exit 1" in checks[0] and "get-auth-token --generate" in checks[0]
+    assert gpu_config["setup_commands"].index(checks[0]) < 3  # before the long pip install
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_setup_refuses_a_node_without_the_token(gpu_config: dict[str, Any], tmp_path: Path) -> None:
+    check = next(c for c in gpu_config["setup_commands"] if "~/.ray/auth_token" in c)
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", check], env={"HOME": str(tmp_path)}, capture_output=True, text=True)
+
+    missing = run()
+    assert missing.returncode == 1 and "ray get-auth-token --generate" in missing.stderr
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 32)
+    assert run().returncode == 0
+
+
 # --- clusters/kuberay.yaml -------------------------------------------------------------------------
 
 
@@ -390,3 +431,11 @@ def test_kuberay_matches_the_vm_cluster(ray_cluster: dict[str, Any], gpu_config:
     for group in [ray_cluster["spec"]["headGroupSpec"], *ray_cluster["spec"]["workerGroupSpecs"]]:
         install = " ".join(group["template"]["spec"]["containers"][0]["command"])
         assert "$PRADO_DIST_REQUIREMENT" in install and f"ray[default,tune,train]=={RAY_VERSION}" in install
+
+
+def test_kuberay_enables_token_authentication(ray_cluster: dict[str, Any]) -> None:
+    # KubeRay >= 1.5.1 generates the token Secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray
+    # container; the header says which operator version that needs.
+    assert ray_cluster["spec"]["authOptions"] == {"mode": "token"}
+    assert "v1.5.1+" in KUBERAY_YAML.read_text().split("apiVersion:")[0]
+    assert not any("RAY_AUTH_MODE" in text or "RAY_AUTH_TOKEN" in text for text in strings_in(ray_cluster))

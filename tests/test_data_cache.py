@@ -186,8 +186,9 @@ def test_decompression_bomb_is_rejected(tmp_path: Path, monkeypatch: pytest.Monk
 def test_no_decodable_image_is_an_error(tmp_path: Path) -> None:
     for painter in ("a", "b"):
         (tmp_path / "data" / painter).mkdir(parents=True)
-        (tmp_path / "data" / painter / "x.jpg").write_bytes(b"junk")
-    with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
+        for index in range(3):  # enough files to split: decoding is what fails
+            (tmp_path / "data" / painter / f"{index}.jpg").write_bytes(b"junk")
+    with pytest.raises(DataError, match="none of the 6 image files could be decoded"):
         prepare_data(tmp_path / "data", SIZE, cache_dir=tmp_path / "cache")
     assert [path.name for path in (tmp_path / "cache").iterdir() if not path.name.endswith(".lock")] == []
 
@@ -285,4 +286,7 @@ def test_real_paintings(tmp_path: Path) -> None:
     assert np.bincount(prepared.labels).tolist() == [59, 141, 262, 255, 66] and prepared.rejected == []
     assert [len(prepared.splits[name]) for name in ("train", "val", "test")] == [501, 126, 156]
     for row in (0, 400, 782):
-        np.testing.assert_array_equal(prepared.images[row], reference_decode(prepared.paths[row], 64))
+        # JPEGs are decoded at half scale here (Pillow's draft, 128 px >= 64), then resized: within a
+        # few levels of a full decode (mean 1.9 over every 8th painting; issue 21, item 11).
+        difference = prepared.images[row].astype(int) - reference_decode(prepared.paths[row], 64)
+        assert np.abs(difference).mean() < 4

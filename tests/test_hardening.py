@@ -242,7 +242,7 @@ def test_reusing_a_search_name_without_resume_is_refused(
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--model", "alexnet"], ["--model 'alexnet' is unknown", "known models", "resnet29"]),
+        (["--model", "alexnet"], ["--model: unknown model 'alexnet'", "known models", "resnet29"]),
         (["--epochs", "0"], ["epochs", "greater than or equal to 1"]),
         (["--workers", "0"], ["workers must be >= 1, got 0"]),
         (["--data", "{tmp}/nowhere"], ["does not exist"]),

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from prado_dist.data.cache import build_cache
-from prado_dist.data.sources import Sample, find_samples
-from prado_dist.data.split import stratified_split
+from prado_dist.data.sources import DataError, Sample, find_samples
+from prado_dist.data.split import SPLITS, stratified_split
 
 
 @dataclass
@@ -66,7 +66,7 @@ def prepare_data(
     """Find, decode (once, cached under `cache_dir`) and split the images of `data_dir`.
 
     `cache_dir` defaults to `$PRADO_DIST_CACHE` or `~/.cache/prado_dist`. Raises `DataError` when
-    the folder is not a usable dataset and `ValueError` when a class is too small to split.
+    the folder is not a usable dataset or a class has too few decodable images to split.
     `data_dir` None means the generated demo set, built once per machine (so every node of a Ray
     cluster finds it, not only the one that started the run).
     """
@@ -75,7 +75,10 @@ def prepare_data(
 
         data_dir = demo_data_dir()
     sample_set = find_samples(Path(data_dir))
+    # Checked on the files before any decode, then on what decoded.
+    require_splittable(np.asarray([sample.label for sample in sample_set.samples]), sample_set.classes, [])
     cache = build_cache(sample_set, image_size, cache_dir)
+    require_splittable(cache.labels, cache.classes, cache.rejected)
     splits = stratified_split(cache.labels, test_fraction, val_fraction, split_seed)
     return PreparedData(
         images=cache.images,
@@ -88,6 +91,18 @@ def prepare_data(
         paths=cache.paths,
         duplicates=cache.duplicates,
     )
+
+
+def require_splittable(labels: np.ndarray, classes: list[str], rejected: list[tuple[Path, str]]) -> None:
+    """`DataError` naming each class with fewer decodable images than splits (one per split is needed)."""
+    counts = np.bincount(labels, minlength=len(classes))
+    small = {name: int(count) for name, count in zip(classes, counts, strict=True) if count < len(SPLITS)}
+    if small:
+        left_out = f" ({len(rejected)} file(s) could not be decoded; the warnings above name them)" if rejected else ""
+        raise DataError(
+            f"class(es) {small} have fewer than {len(SPLITS)} usable images, one for each of {list(SPLITS)}"
+            f"{left_out}; add images or remove the class"
+        )
 
 
 def split_counts(prepared: PreparedData) -> dict[str, list[int]]:

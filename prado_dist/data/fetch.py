@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import http.client
 import os
 import random
@@ -25,6 +26,7 @@ import sys
 import threading
 import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -40,6 +42,12 @@ _USER_AGENT = "prado_dist-fetch/0.1 (research; Python urllib)"
 # is a problem with the request itself and just as permanent, except these two, which servers
 # use for "not now".
 _TRANSIENT_CLIENT_ERRORS = frozenset({408, 429})
+# Only web URLs are fetched: a csv row with file:// (or ftp://, data:) would copy local files or
+# reach other services into the dataset (issue 21, item 12). Redirects are held to the same rule.
+ALLOWED_SCHEMES = ("http", "https")
+# Errors of this machine's disk, not of the server: every other image would fail alike, so the run
+# stops at the first one instead of retrying each image (issue 21, item 9).
+_LOCAL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @dataclass
@@ -70,6 +78,30 @@ class _TransientError(Exception):
 
 class _Interrupted(Exception):
     """The run is being cancelled; stop without retrying."""
+
+
+class FetchAborted(Exception):
+    """The run cannot go on (the output disk is full or read-only); the message says what to do."""
+
+
+class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling, refusing a redirect to anything but http(s) (urllib allows ftp)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ALLOWED_SCHEMES:
+            raise _PermanentError(f"redirected to {newurl!r}; only {'/'.join(ALLOWED_SCHEMES)} URLs are fetched")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_WebOnlyRedirects)
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not fetched (a scheme other than http/https), or None when it may be."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ALLOWED_SCHEMES:
+        return f"only {'/'.join(ALLOWED_SCHEMES)} URLs are fetched, not {scheme or 'a URL without scheme'}"
+    return None
 
 
 def image_file_name(url: str) -> str:
@@ -119,7 +151,7 @@ def _download_once(url: str, destination: Path, timeout: float, stop: threading.
     try:
         # `timeout` bounds the connect and every single read, so a server that stalls mid-body
         # fails after `timeout` seconds instead of hanging the worker for ever.
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
+        with _OPENER.open(request, timeout=timeout) as response, open(part, "wb") as out:
             expected = _content_length(response)
             received = 0
             while chunk := response.read(_CHUNK_BYTES):
@@ -165,7 +197,15 @@ def _download_with_retries(
             return "interrupted"
         except _PermanentError as error:
             return str(error)
-        except (_TransientError, OSError) as error:
+        except OSError as error:
+            if error.errno in _LOCAL_DISK_ERRNOS:
+                stop.set()  # the other downloads would fail alike: end them too
+                raise FetchAborted(
+                    f"cannot write {error.filename or destination}: {error.strerror or error}; free space or fix "
+                    "the permissions of --out, then rerun the same command (complete files are skipped)"
+                ) from error
+            reason = str(error) or type(error).__name__
+        except _TransientError as error:
             reason = str(error) or type(error).__name__
         if attempt < retries:
             # Exponential backoff; the jitter de-synchronises the workers that all hit the same
@@ -203,19 +243,22 @@ def fetch_images(
     Ctrl-C cancels the queued downloads and re-raises.
     """
     if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
     if retries < 0:
-        raise ValueError(f"retries must be >= 0, got {retries}")
+        raise ValueError(f"--retries must be 0 or more, got {retries}")
     if timeout <= 0 or backoff < 0:
-        raise ValueError(f"timeout must be > 0 and backoff >= 0, got {timeout} and {backoff}")
+        raise ValueError(f"--timeout must be > 0 and --backoff >= 0, got {timeout} and {backoff}")
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     if not csv_path.is_file():
         raise FileNotFoundError(f"metadata csv not found: {csv_path} (the Kaggle file is prado.csv)")
 
     rows = read_painter_rows(csv_path)
     images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_copy(csv_path, out_dir / PRADO_CSV)
+    try:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_copy(csv_path, out_dir / PRADO_CSV)
+    except OSError as err:
+        raise FetchAborted(f"cannot write the dataset folder --out {out_dir}: {err.strerror or err}") from err
     # Leftovers of a killed run: never complete (the rename did not happen), so they go.
     for stale in images_dir.glob("*.part"):
         stale.unlink(missing_ok=True)
@@ -236,6 +279,10 @@ def plan_downloads(rows: list[dict[str, str]], images_dir: Path, summary: FetchS
         url = (row.get("work_image_url") or "").strip()
         if not url:
             summary.failed.append((row.get("work_url") or row.get("work_title") or "?", "row has no work_image_url"))
+            continue
+        problem = url_problem(url)
+        if problem:
+            summary.failed.append((url, problem))
             continue
         try:
             name = image_file_name(url)
@@ -275,6 +322,8 @@ def _download_all(
                 url = futures[future]
                 try:
                     error = future.result()
+                except FetchAborted:
+                    raise
                 except Exception as unexpected:  # a bug or a full disk: report it, go on
                     error = f"{type(unexpected).__name__}: {unexpected}"
                 if error is None:
@@ -312,15 +361,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run `fetch`; exit code 1 when any image could not be downloaded."""
-    summary = fetch_images(
-        args.csv,
-        args.out,
-        concurrency=args.concurrency,
-        retries=args.retries,
-        timeout=args.timeout,
-        backoff=args.backoff,
-    )
+    """Run `fetch`; exit code 1 when any image could not be downloaded, 2 when the run could not start
+    or had to stop (bad flags, a csv that is missing or not prado.csv, a full or read-only disk)."""
+    try:
+        summary = fetch_images(
+            args.csv,
+            args.out,
+            concurrency=args.concurrency,
+            retries=args.retries,
+            timeout=args.timeout,
+            backoff=args.backoff,
+        )
+    except (ValueError, FetchAborted, OSError, csv.Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(summary.format())
     if summary.failed:
         print("Re-run the same command to retry the failed images; complete files are skipped.", file=sys.stderr)

@@ -65,7 +65,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """ "auto" -> this rank's GPU when CUDA is available, else the CPU."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own message lists every device type it was built with
+        raise ValueError(
+            f"device {name!r} is not a PyTorch device; use auto, cpu or cuda (cuda:N for GPU N)"
+            + ("" if torch.cuda.is_available() else "; no CUDA GPU is visible here, so auto means cpu")
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
     return device

@@ -6,6 +6,7 @@ registered name, or `timm:<name>` for any timm model (wrapped in the report's tr
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Callable
@@ -43,8 +44,28 @@ def list_models(family: str | None = None) -> list[str]:
 
 
 def is_model(name: str) -> bool:
-    """Whether `create_model(name)` can resolve `name` (a registered name or `timm:<name>`)."""
-    return name in _model_constructors or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX))
+    """Whether `create_model(name)` can resolve `name`: a registered name, or `timm:<name>` for a model
+    timm has (`timm.is_model`, which also takes a pretrained tag such as `resnet50.a1_in1k`)."""
+    if name in _model_constructors:
+        return True
+    if not name.startswith(TIMM_PREFIX) or len(name) == len(TIMM_PREFIX):
+        return False
+    import timm  # here, not at module top: only timm: names need it
+
+    return timm.is_model(name[len(TIMM_PREFIX) :])
+
+
+def unknown_model(name: str) -> str:
+    """Why `name` is not a model, with what is accepted (for errors; `is_model(name)` is False)."""
+    known = f"known models: {list_models()}, or '{TIMM_PREFIX}<name>' for a timm model"
+    if not name.startswith(TIMM_PREFIX) or len(name) == len(TIMM_PREFIX):
+        return f"unknown model {name!r}; {known}"
+    import timm
+
+    timm_name = name[len(TIMM_PREFIX) :]
+    similar = difflib.get_close_matches(timm_name, timm.list_models(), n=5)
+    hint = f"; similar: {similar}" if similar else ""
+    return f"timm has no model {timm_name!r} (timm.list_models() names them{hint})"
 
 
 def create_model(name: str, num_classes: int = 5, **kwargs: Any) -> nn.Module:

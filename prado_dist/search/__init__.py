@@ -3,6 +3,7 @@
 Imports the Ray Train layer (prado_dist.distributed) and below; the CLI (prado_dist.tune) wraps it.
 """
 
+from prado_dist.search.preflight import check_search
 from prado_dist.search.runner import (
     PreparedSearch,
     SearchError,
@@ -23,6 +24,7 @@ __all__ = [
     "SearchSettings",
     "SearchSpace",
     "TrackingError",
+    "check_search",
     "known_spaces",
     "load_space",
     "parse_set",

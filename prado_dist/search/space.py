@@ -16,12 +16,21 @@ from ray import tune
 
 from prado_dist.config import ConfigError, TrainConfig, format_validation_error
 from prado_dist.distributed import WorkerResources
-from prado_dist.models import is_model, list_models
+from prado_dist.models import is_model, unknown_model
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 REPORTED_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_loss")
 # Settings that belong to the space as a whole, never to one trial.
 NOT_SEARCHABLE = {"data_dir", "cache_dir", "model", "epochs", "device", "pretrained"}
+# Settings that define the data every trial is compared on. The final test runs on the driver's data
+# (the fixed value): a searched image size would test at another resolution, a searched split a test
+# split that overlaps the trial's training images (issue 21, item 7). Refused, with the reason.
+DATA_DEFINING = {
+    "image_size": "the best trial is tested on the driver's images at the fixed image_size",
+    "split_seed": "another split_seed would put the trial's training images in the driver's test split",
+    "test_fraction": "another test_fraction would put the trial's training images in the driver's test split",
+    "val_fraction": "trials must be compared on one validation split",
+}
 
 
 class _Strict(BaseModel):
@@ -110,13 +119,19 @@ class SearchSpace(_Strict):
     @classmethod
     def _known_model(cls, model: str) -> str:
         if not is_model(model):
-            raise ValueError(f"unknown model {model!r}; known models: {list_models()} or 'timm:<name>'")
+            raise ValueError(unknown_model(model))
         return model
 
     @field_validator("params")
     @classmethod
     def _searchable(cls, params: dict[str, Any]) -> dict[str, Any]:
-        fields = set(TrainConfig.model_fields) - NOT_SEARCHABLE
+        data_defining = [f"{key} ({DATA_DEFINING[key]})" for key in params if key in DATA_DEFINING]
+        if data_defining:
+            raise ValueError(
+                f"cannot search {'; '.join(data_defining)}: set it once for the whole search "
+                "(fixed: or --set KEY=VALUE) and compare searches instead"
+            )
+        fields = set(TrainConfig.model_fields) - NOT_SEARCHABLE - set(DATA_DEFINING)
         unknown = sorted(set(params) - fields)
         if unknown:
             raise ValueError(f"cannot search {unknown}; searchable settings: {sorted(fields)}")
@@ -133,6 +148,7 @@ class SearchSpace(_Strict):
         if overlap:
             raise ValueError(f"{overlap} are both fixed and searched; keep each in one place")
         self.base_config()  # fixed settings must form a valid TrainConfig
+        self._check_bounds()
         baseline = self.baseline_point()
         for key, spec in self.params.items():
             if not _contains(spec, baseline[key]):
@@ -141,6 +157,20 @@ class SearchSpace(_Strict):
                     f"range {spec.model_dump(exclude={'distribution'})}; widen the range or set baseline.{key}"
                 )
         return self
+
+    def _check_bounds(self) -> None:
+        """Every value a distribution can draw must be a valid setting, not only the baseline: a trial
+        drawn outside the field's range would fail three times inside Ray (issue 21, item 6)."""
+        for key, spec in self.params.items():
+            values = spec.values if isinstance(spec, Choice) else [spec.low, spec.high]
+            for value in values:
+                try:
+                    self.base_config(**{key: value})
+                except ConfigError as err:
+                    raise ValueError(
+                        f"{key}: the searched range {spec.model_dump(exclude={'distribution'})} reaches {value!r}, "
+                        f"which is not a valid {key} ({err}); narrow the range to valid values"
+                    ) from None
 
     # --- derived --------------------------------------------------------------------------------
     @property
@@ -244,5 +274,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        parsed[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); close "
+                "its brackets and quotes, e.g. --set 'key=[1, 2]' or --set 'key=\"text\"'"
+            ) from None
     return parsed

@@ -48,6 +48,8 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
         experiment_id = _experiment_id(client, experiment)
         # MLflow 3's UI opens an untagged experiment on its GenAI overview, not on the training runs.
         client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    except TrackingError:
+        raise
     except Exception as err:
         raise TrackingError(
             f"cannot use the MLflow tracking server at {uri!r}: {type(err).__name__}: {str(err)[:300]}. "
@@ -59,6 +61,13 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
 
 def _experiment_id(client: MlflowClient, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
+    if found and found.lifecycle_stage == "deleted":
+        # MLflow keeps a deleted experiment's name, and refuses new runs in it (issue 21, item 5).
+        raise TrackingError(
+            f"MLflow experiment {experiment!r} (id {found.experiment_id}) in {client.tracking_uri} was deleted; "
+            f"restore it (mlflow experiments restore --experiment-id {found.experiment_id}) or pass another "
+            "--experiment"
+        )
     if found:
         return found.experiment_id
     try:

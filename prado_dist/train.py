@@ -153,7 +153,7 @@ def train_single_process(
     best = {"score": float("-inf"), "path": out / "best.pt"}
     if resume and (out / "last.pt").is_file():
         run.load_state_dict(load_checkpoint(out / "last.pt"))
-        best["score"] = max((row["val_balanced_accuracy"] for row in run.history), default=float("-inf"))
+        best["score"] = max((row[SELECTION_METRIC] for row in run.history), default=float("-inf"))
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], run: TrainingRun) -> None:
         print(epoch_line(metrics, config.epochs), flush=True)

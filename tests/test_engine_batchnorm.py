@@ -140,6 +140,13 @@ def test_with_recalibration_the_momentum_changes_nothing(tiny_data: PreparedData
     assert plain[-1]["val_loss"] != runs[1][-1]["val_loss"]  # the pass is what evaluation used
 
 
+def test_a_rank_never_recalibrates_on_a_single_image(tiny_data: PreparedData, small_demo: Path) -> None:
+    # 3 images over 2 ranks would leave each rank one, which VGG's train-mode BatchNorm1d refuses.
+    run = TrainingRun(config(small_demo, model="vgg", bn_recalibration_images=3), tiny_data, rank=0, world_size=2)
+    assert len(run._recalibration_loader(3).dataset) == 2
+    assert run.recalibrate_batchnorm() > 0
+
+
 def test_an_averaged_run_recalibrates_the_average(tiny_data: PreparedData, small_demo: Path) -> None:
     run = TrainingRun(config(small_demo, ema_decay=0.5, bn_recalibration_images=64), tiny_data)
     trained_stats = [layer.running_mean.clone() for layer in training_batchnorm_layers(run.network)]

@@ -126,6 +126,27 @@ def test_validation_uses_recalibrated_statistics_and_training_is_unchanged(
     )
 
 
+def test_with_recalibration_the_momentum_changes_nothing(tiny_data: PreparedData, small_demo: Path) -> None:
+    # Training normalises with batch statistics and the pass overwrites the running ones, so a short
+    # run needs no bn_momentum workaround (search_spaces/demo.yaml dropped its 0.3).
+    runs = [
+        TrainingRun(config(small_demo, epochs=2, bn_momentum=momentum, bn_recalibration_images=64), tiny_data).fit()
+        for momentum in (None, 0.3)
+    ]
+    for keras, short in zip(*runs, strict=True):
+        for name in ("train_loss", "val_loss", "val_balanced_accuracy"):
+            assert short[name] == keras[name], name
+    plain = TrainingRun(config(small_demo, epochs=2, bn_momentum=0.3, bn_recalibration_images=None), tiny_data).fit()
+    assert plain[-1]["val_loss"] != runs[1][-1]["val_loss"]  # the pass is what evaluation used
+
+
+def test_a_rank_never_recalibrates_on_a_single_image(tiny_data: PreparedData, small_demo: Path) -> None:
+    # 3 images over 2 ranks would leave each rank one, which VGG's train-mode BatchNorm1d refuses.
+    run = TrainingRun(config(small_demo, model="vgg", bn_recalibration_images=3), tiny_data, rank=0, world_size=2)
+    assert len(run._recalibration_loader(3).dataset) == 2
+    assert run.recalibrate_batchnorm() > 0
+
+
 def test_an_averaged_run_recalibrates_the_average(tiny_data: PreparedData, small_demo: Path) -> None:
     run = TrainingRun(config(small_demo, ema_decay=0.5, bn_recalibration_images=64), tiny_data)
     trained_stats = [layer.running_mean.clone() for layer in training_batchnorm_layers(run.network)]
@@ -193,3 +214,37 @@ def test_one_class_validation_warns_once_naming_the_settings(
     assert len(warnings) == 1  # once per run, not every epoch
     assert f"{tiny_data.classes[0]!r} for all" in warnings[0]
     assert "bn_recalibration_images" in warnings[0] and "bn_momentum" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("recalibration", "names"), [([], ["lr=1e-12", "lower lr"]), (["--bn-recalibration-images", "0"], ["bn_momentum"])]
+)
+def test_the_train_cli_warns_when_validation_predicts_one_class(
+    small_demo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    recalibration: list[str],
+    names: list[str],
+) -> None:
+    from prado_dist import train
+    from prado_dist.engine import session
+
+    def one_class_model(*args, **kwargs) -> nn.Module:
+        model = create_model(*args, **kwargs)
+        with torch.no_grad():  # a bias that outweighs everything: one class for every image
+            classifier = model.get_classifier()
+            classifier.weight.zero_()
+            classifier.bias.zero_()
+            classifier.bias[0] = 50.0
+        return model
+
+    create_model = session.create_model
+    monkeypatch.setattr(session, "create_model", one_class_model)
+    argv = ["--model", "mobilenet", "--data", str(small_demo), "--image-size", "32", "--epochs", "1"]
+    argv += ["--single-process", "--device", "cpu", "--lr", "1e-12", "--out", str(tmp_path / "out"), *recalibration]
+    with caplog.at_level(logging.WARNING, logger="prado_dist.engine.session"):
+        assert train.main(argv) == 0
+    warnings = [record.getMessage() for record in caplog.records if "predicted" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert all(name in warnings[0] for name in names), warnings[0]

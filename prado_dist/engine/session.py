@@ -325,7 +325,8 @@ class TrainingRun:
         """
         per_rank_batch = self.config.batch_size // self.world_size
         train_size = len(self.data.splits["train"])
-        per_rank = min(images, train_size) // self.world_size
+        # At least 2 images a rank: train-mode BatchNorm1d (VGG's head) refuses a batch of one.
+        per_rank = max(2, min(images, train_size) // self.world_size)
         if per_rank >= per_rank_batch:
             per_rank -= per_rank % per_rank_batch  # no small last batch: its batch statistics would be noisy
         order = torch.randperm(train_size, generator=torch.Generator().manual_seed(self.config.seed)).tolist()

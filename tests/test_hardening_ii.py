@@ -27,15 +27,9 @@ from prado_dist.data.sources import PRADO_AUTHORS
 from prado_dist.search import load_space
 from prado_dist.train import main as train_main
 from prado_dist.tune import main as tune_main
+from tests.test_hardening import noise_image  # the same generated painting as the first round's tests
 
 SIZE = 16
-
-
-def noise_image(path: Path, size: tuple[int, int], seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def painters(root: Path, good: dict[str, int], junk: dict[str, int] | None = None) -> Path:

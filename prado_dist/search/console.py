@@ -47,7 +47,7 @@ class TrialLines(tune.Callback):
 
     def __init__(self, metric: str, mode: str, epochs: int) -> None:
         self.metric, self.epochs = metric, epochs
-        self._better = max if mode == "max" else min
+        self._sign = 1 if mode == "max" else -1
         self._last: dict[str, dict[str, Any]] = {}
         self._best: dict[str, float] = {}
         self._started = self._last_status = time.monotonic()
@@ -67,17 +67,13 @@ class TrialLines(tune.Callback):
         states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
         print(f"-- {elapsed / 60:.1f} min: {states}{best_text}", flush=True)
 
-    @property
-    def _sign(self) -> int:
-        return 1 if self._better is max else -1
-
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if self.metric not in result:
             return
         self._last[trial.trial_id] = result
         value = float(result[self.metric])
         best = self._best.get(trial.trial_id)
-        self._best[trial.trial_id] = value if best is None else self._better(best, value)
+        self._best[trial.trial_id] = value if best is None else max(best, value, key=lambda v: self._sign * v)
         print(
             f"[{trial.trial_id}] epoch {int(result.get(EPOCHS_COMPLETED, 0))}/{self.epochs}  "
             f"{self.metric} {value:.4f}  val_loss {result.get('val_loss', float('nan')):.4f}  "

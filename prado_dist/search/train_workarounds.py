@@ -189,8 +189,3 @@ def _terminate(pid: int, expected_title: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def leftover_placement_groups() -> list[str]:
-    """Placement groups still holding (or waiting for) resources."""
-    return [pg for pg, info in ray.util.placement_group_table().items() if info.get("state") != "REMOVED"]

@@ -66,8 +66,8 @@ _decoded: dict[tuple, PreparedData] = {}  # survives between the trials of a reu
 
 def trial_data(config: TrainConfig) -> PreparedData:
     """The decoded split images of `config`, opened once per actor (a memory map of the cache)."""
-    key = (config.data_dir, config.image_size, config.cache_dir, config.test_fraction, config.val_fraction)
-    key += (config.split_seed,)
+    fields = ("data_dir", "image_size", "cache_dir", "test_fraction", "val_fraction", "split_seed")
+    key = tuple(getattr(config, name) for name in fields)
     if key not in _decoded:
         _decoded.clear()  # another dataset or size: the previous one is not needed again
         _decoded[key] = load_data(config)

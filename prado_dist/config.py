@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Settings a run can change between epochs without being rebuilt (TrainingRun.apply_settings): what
+# population-based training perturbs and what a recorded schedule replays (issue 23).
+SCHEDULABLE = ("lr", "decay", "weight_decay", "label_smoothing", "pca_std", "flip_prob")
 
 
 class TrainConfig(BaseModel):
@@ -65,9 +69,43 @@ class TrainConfig(BaseModel):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)  # report: 0.5
     pca_std: float = Field(0.1, ge=0.0)  # report: std of alpha 0.1
 
+    # --- settings that change over epochs ---------------------------------------------------------
+    # {epoch: {setting: value}}: applied before that (0-based) epoch trains, each lasting until the
+    # next change; the values above are those of epoch 0. A population-based search's winning
+    # schedule, replayed by `train --schedule` (search_spaces/README.md).
+    schedule: dict[int, dict[str, float]] = {}
+
     # --- execution --------------------------------------------------------------------------
     seed: int = 42
     device: str = "auto"  # "auto" -> cuda when available, else cpu
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedulable(cls, schedule: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+        for epoch, changes in schedule.items():
+            if epoch < 0:
+                raise ValueError(f"schedule: epoch {epoch} is negative; epochs count from 0")
+            unknown = sorted(set(changes) - set(SCHEDULABLE))
+            if unknown:
+                raise ValueError(f"schedule: epoch {epoch} changes {unknown}; only {list(SCHEDULABLE)} can change")
+        return dict(sorted(schedule.items()))
+
+    @model_validator(mode="after")
+    def _schedule_values_valid(self) -> TrainConfig:
+        for epoch in self.schedule:
+            try:
+                self.settings_at(epoch)
+            except ValidationError as err:
+                raise ValueError(f"schedule: epoch {epoch}: {format_validation_error(err)}") from None
+        return self
+
+    def settings_at(self, epoch: int) -> TrainConfig:
+        """This config with its schedule's changes up to and including `epoch` applied (no schedule left)."""
+        values = self.model_dump(exclude={"schedule"})
+        for start, changes in self.schedule.items():
+            if start <= epoch:
+                values.update(changes)
+        return type(self).model_validate(values)
 
     def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         """A copy with `overrides` applied and validated again (unknown keys are rejected)."""

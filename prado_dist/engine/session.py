@@ -17,6 +17,7 @@ itself, or with `ema_decay` a moving average of its weights (training itself is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -30,7 +31,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from prado_dist.config import TrainConfig
+from prado_dist.config import SCHEDULABLE, ConfigError, TrainConfig
 from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, prepare_data, split_counts
 from prado_dist.engine.batchnorm import recalibrate_batchnorm, training_batchnorm_layers
 from prado_dist.engine.checkpoint import CheckpointError, checkpoint_config
@@ -42,7 +43,7 @@ from prado_dist.engine.features import (
     load_or_build_features,
 )
 from prado_dist.engine.loop import InputPipeline, evaluate, train_one_epoch, weighted_cross_entropy
-from prado_dist.engine.schedule import exponential_decay_after
+from prado_dist.engine.schedule import exponential_decay_after, set_learning_rate
 from prado_dist.models import TransferModel, create_model
 
 logger = logging.getLogger(__name__)
@@ -162,13 +163,9 @@ class TrainingRun:
         trained = FeatureHead(model) if self.use_features else model
         self.pipeline = FeaturePipeline() if self.use_features else self.image_pipeline
         weights = torch.tensor(class_weights(train_counts), dtype=torch.float32, device=self.device)
-        self.loss_fn = weighted_cross_entropy(weights if config.class_weights else None, config.label_smoothing)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        # Keras Adam defaults (report): beta1 0.9, beta2 0.999, epsilon 1e-7.
-        self.optimizer = torch.optim.Adam(
-            trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=config.weight_decay
-        )
-        self.scheduler = exponential_decay_after(self.optimizer, config.decay_start, config.decay)
+        self._class_weights = weights if config.class_weights else None
+        self.loss_fn = weighted_cross_entropy(self._class_weights, config.label_smoothing)
+        self.optimizer, self.scheduler = self._build_optimisation(model)
         # DDP wraps what is trained: with cached features only the head's gradients are all-reduced.
         self.model = wrap_model(trained) if wrap_model is not None else trained
         # bf16 autocast on GPUs (tensor cores); full precision on the CPU, where it would be slower.
@@ -177,7 +174,17 @@ class TrainingRun:
         self._loaders: dict[str, DataLoader] | None = None
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
+        self.settings_history: list[dict[str, float]] = []  # per epoch: the SCHEDULABLE values it trained with
         self._warned_one_class = False
+
+    def _build_optimisation(self, model: nn.Module):
+        config = self.config
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # Keras Adam defaults (report): beta1 0.9, beta2 0.999, epsilon 1e-7.
+        optimizer = torch.optim.Adam(
+            trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=config.weight_decay
+        )
+        return optimizer, exponential_decay_after(optimizer, config.decay_start, config.decay)
 
     def _build_network(self, train_counts: list[int]) -> nn.Module:
         """The configured model on this run's device, in the layout and BatchNorm this run trains with."""
@@ -266,6 +273,9 @@ class TrainingRun:
     # --- one epoch ----------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, step the schedule, evaluate on validation; the epoch's metrics."""
+        if epoch in self.config.schedule:
+            self.apply_settings(self.config.schedule[epoch])
+        self.settings_history.append({"epoch": epoch, **{key: getattr(self.config, key) for key in SCHEDULABLE}})
         loaders = self.loaders  # a cached run's first epoch computes or opens the features here
         self.train_sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 1009 + self.rank)
@@ -294,6 +304,34 @@ class TrainingRun:
             # whether this run paid the backbone pass (the first trial) or reused another's.
             metrics.update(feature_cache=float(self.use_features), feature_cache_built=float(self.features_built))
         return metrics
+
+    def apply_settings(self, changes: dict[str, float]) -> None:
+        """Change SCHEDULABLE settings between epochs, keeping weights, optimiser moments and the
+        schedule's position: `lr` is the schedule's initial value, so the epoch's learning rate is
+        the new `lr` times the decay reached so far (population-based search, a replayed schedule)."""
+        unknown = sorted(set(changes) - set(SCHEDULABLE))
+        if unknown:
+            raise ConfigError(f"{unknown} cannot change during a run; only {list(SCHEDULABLE)} can")
+        config = self.config.with_overrides(changes)
+        if self.use_features and (config.pca_std > 0 or config.flip_prob > 0):
+            raise ConfigError(
+                f"{self.config.model} trains its head on cached backbone features, which cannot be augmented "
+                "later (pca_std, flip_prob): set feature_cache=false to change augmentation during the run"
+            )
+        self.config = config
+        self._apply_current_settings()
+
+    def _apply_current_settings(self) -> None:
+        config = self.config
+        self.image_pipeline = dataclasses.replace(
+            self.image_pipeline, flip_prob=config.flip_prob, pca_std=config.pca_std
+        )
+        if not self.use_features:
+            self.pipeline = self.image_pipeline
+        self.loss_fn = weighted_cross_entropy(self._class_weights, config.label_smoothing)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = config.weight_decay
+        set_learning_rate(self.scheduler, config.lr, config.decay_start, config.decay)
 
     def _update_average(self, step: int, loss: float) -> None:
         self.ema_steps += 1
@@ -410,6 +448,7 @@ class TrainingRun:
             "config": self.config.model_dump_json(),
             "classes": self.classes,
             "history": self.history,
+            "settings_history": self.settings_history,
             "data_fingerprint": self.data.fingerprint,
         }
         if self.ema is not None:
@@ -431,7 +470,14 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state.get("history", []))
+        self.settings_history = list(state.get("settings_history", []))
         self.start_epoch = int(state["epoch"]) + 1
+        # Training goes on with this run's settings, not the checkpoint's optimiser values: the same
+        # on a resume, perturbed ones for a member that copied another's checkpoint (population-based search).
+        self.config = self.config.with_overrides(
+            self.config.settings_at(self.start_epoch - 1).model_dump(include=set(SCHEDULABLE))
+        )
+        self._apply_current_settings()
 
     def load_model_state(self, model_state: dict[str, torch.Tensor]) -> None:
         """Load the whole model's weights (a checkpoint's "model") to evaluate or export them; cached

@@ -38,12 +38,12 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import record  # noqa: E402
 
+from prado_dist.config import parse_set  # noqa: E402
 from prado_dist.data.demo import demo_data_dir  # noqa: E402
 from prado_dist.distributed.resources import local_ray_init_kwargs  # noqa: E402
 from prado_dist.engine.reporting import plt  # noqa: E402
 from prado_dist.search import SearchSettings, load_space, run_search  # noqa: E402
 from prado_dist.search.runner import finished_search_outcome, summary_file  # noqa: E402
-from prado_dist.search.space import parse_set  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAINTINGS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings-dev"

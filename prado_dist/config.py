@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Settings a run can change between epochs without being rebuilt (TrainingRun.apply_settings): what
 # population-based training perturbs and what a recorded schedule replays (issue 23).
-SCHEDULABLE = ("lr", "decay", "weight_decay", "label_smoothing", "pca_std", "flip_prob")
+SCHEDULABLE = ("lr", "decay", "decay_start", "weight_decay", "label_smoothing", "pca_std", "flip_prob")
 
 
 class TrainConfig(BaseModel):
@@ -136,3 +137,20 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
         key = ".".join(str(part) for part in problem["loc"])
         lines.append(f"{prefix}{key}: {message} (got {problem.get('input')!r})")
     return "\n".join(lines)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings to a dict, values parsed as YAML scalars (1e-3, true, [1, 2] ...)."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); close "
+                "its brackets and quotes, e.g. --set 'key=[1, 2]' or --set 'key=\"text\"'"
+            ) from None
+    return parsed

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prado_dist.config import ConfigError, TrainConfig
+from prado_dist.config import SCHEDULABLE, ConfigError, TrainConfig, parse_set
 from prado_dist.data import DataError, PreparedData, split_counts
 from prado_dist.data.demo import demo_data_dir
 from prado_dist.engine import (
     TrainingRun,
+    config_from_schedule,
     evaluate_checkpoint,
     load_checkpoint,
     load_data,
@@ -49,40 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m prado_dist.train",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Any other setting: --set KEY=VALUE (repeatable), e.g. --set pca_std=0 --set ema_decay=0.97; "
+        f"settings: {', '.join(TrainConfig.model_fields)}.",
     )
-    parser.add_argument("--model", default=DEFAULTS.model, help="a name from prado_dist.models.list_models()")
-    parser.add_argument("--data", type=Path, default=None, help="dataset root; omitted: the generated demo set")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    parser.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    parser.add_argument("--decay", type=float, default=DEFAULTS.decay)
-    parser.add_argument("--decay-start", type=int, default=DEFAULTS.decay_start)
-    parser.add_argument("--pca-std", type=float, default=DEFAULTS.pca_std)
-    parser.add_argument("--flip-prob", type=float, default=DEFAULTS.flip_prob)
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    parser.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
-    parser.add_argument("--dropout", type=float, default=DEFAULTS.dropout)
-    parser.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum; default: Keras 0.01")
-    parser.add_argument(
-        "--bn-recalibration-images",
-        type=int,
-        default=DEFAULTS.bn_recalibration_images,
-        help="recompute BatchNorm statistics from this many training images before each validation; 0: off",
+    # The settings typed most, as flags; each is a `--set` underneath (absent: the config's default).
+    settings = parser.add_argument_group("settings (defaults: the report's, prado_dist/config.py)")
+    for flag, kind, text in COMMON_SETTINGS:
+        field = flag.removeprefix("--").replace("-", "_")
+        default = DEFAULTS.model_dump()[field]
+        settings.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} (default {default})")
+    settings.add_argument("--data", type=Path, default=None, help="dataset root; omitted: the generated demo set")
+    settings.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any training setting"
     )
-    parser.add_argument(
-        "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (e.g. 0.97)"
-    )
-    parser.add_argument(
-        "--pretrained",
+    settings.add_argument(
+        "--schedule",
         type=Path,
         default=None,
-        help="transfer models: a weight file, hf-cache, or package (lite0's installed ImageNet weights)",
-    )
-    parser.add_argument("--unfreeze-stages", type=int, default=0, help="transfer models: stages to fine-tune")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    parser.add_argument(
-        "--device", default="auto", help="auto, cpu or cuda: where --single-process trains and the final test runs"
+        help="replay a recorded schedule (a population-based search's summary/schedule.json): its settings, "
+        "epoch by epoch, on a freshly initialised model",
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/train-MODEL-TIME)")
     parser.add_argument(
@@ -102,32 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMON_SETTINGS = (
+    ("--model", str, "a name from prado_dist.models.list_models()"),
+    ("--epochs", int, "epochs"),
+    ("--image-size", int, "image side in pixels"),
+    ("--batch-size", int, "global batch"),
+    ("--lr", float, "initial learning rate"),
+    ("--pretrained", str, "transfer models: a weight file, hf-cache, or package (lite0's installed ImageNet weights)"),
+    ("--seed", int, "training seed"),
+    ("--device", str, "auto, cpu or cuda: where --single-process trains and the final test runs"),
+)
+
+
 def config_from_args(args: argparse.Namespace, data_dir: Path | None) -> TrainConfig:
-    if not is_model(args.model):  # checked here, before the images are decoded
-        raise ConfigError(f"--model: {unknown_model(args.model)}")
-    fields = {
-        "model": args.model,
-        "data_dir": data_dir,
-        "epochs": args.epochs,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "decay": args.decay,
-        "decay_start": args.decay_start,
-        "pca_std": args.pca_std,
-        "flip_prob": args.flip_prob,
-        "weight_decay": args.weight_decay,
-        "label_smoothing": args.label_smoothing,
-        "dropout": args.dropout,
-        "bn_momentum": args.bn_momentum,
-        "bn_recalibration_images": args.bn_recalibration_images or None,
-        "ema_decay": args.ema_decay,
-        "pretrained": args.pretrained,
-        "unfreeze_stages": args.unfreeze_stages,
-        "seed": args.seed,
-        "device": args.device,
-    }
-    return TrainConfig().with_overrides(fields)
+    """Defaults (or a replayed schedule's settings), then the flags given, then `--set`."""
+    flags = [flag.removeprefix("--").replace("-", "_") for flag, _, _ in COMMON_SETTINGS]
+    overrides = {name: getattr(args, name) for name in flags if hasattr(args, name)} | parse_set(args.overrides)
+    if args.schedule is not None:
+        return replayed_config(args.schedule, {**overrides, "data_dir": data_dir})
+    if not is_model(overrides.get("model", DEFAULTS.model)):  # checked here, before the images are decoded
+        raise ConfigError(f"--model: {unknown_model(overrides['model'])}")
+    return TrainConfig().with_overrides({**overrides, "data_dir": data_dir})
+
+
+def replayed_config(path: Path, overrides: dict) -> TrainConfig:
+    """The config that replays the schedule in `path`; what it sets epoch by epoch cannot be overridden."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--schedule {path}: cannot read it ({err})") from None
+    fixed_by_schedule = sorted(set(overrides) & {*SCHEDULABLE, "epochs"})
+    if fixed_by_schedule:
+        raise ConfigError(f"--schedule sets {fixed_by_schedule} epoch by epoch: edit {path} instead of passing them")
+    try:
+        return config_from_schedule(record, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"--schedule {path}: {err}") from None
 
 
 def announce_data(data: Path | None) -> Path | None:
@@ -170,21 +166,21 @@ def train_with_ray(config: TrainConfig, args: argparse.Namespace, out: Path) -> 
     """Train through Ray Train; returns (best checkpoint state, per-epoch history)."""
     from prado_dist.distributed import best_checkpoint_state, connect, load_ray_checkpoint, run_training
 
-    resources = resources_from_args(args)
+    resources = resources_from_args(args, config.batch_size)
     connect(args.address)
     storage = args.storage or out / "ray"
     result = run_training(config, resources, storage=storage, name=out.name, max_failures=args.max_failures)
     return best_checkpoint_state(result), load_ray_checkpoint(result.checkpoint)["history"]
 
 
-def resources_from_args(args: argparse.Namespace) -> WorkerResources:
+def resources_from_args(args: argparse.Namespace, batch_size: int) -> WorkerResources:
     """The Ray Train workers asked for; raises `ResourceError` (a ValueError) for impossible values."""
     from prado_dist.distributed import WorkerResources, check_global_batch
 
     resources = WorkerResources(
         workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=1.0 if args.use_gpu else 0.0
     )
-    check_global_batch(args.batch_size, resources.workers)
+    check_global_batch(batch_size, resources.workers)
     return resources
 
 
@@ -254,9 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args, announce_data(args.data))
-        resolve_device(args.device)  # the final test runs there: refused now, not after training
+        resolve_device(config.device)  # the final test runs there: refused now, not after training
         if not args.single_process:
-            resources_from_args(args)  # --workers 0 and the like fail before the images are decoded
+            resources_from_args(args, config.batch_size)  # --workers 0 and the like: before any decoding
         out = (args.out or Path("runs") / f"train-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
         check_out_folder(out, config, args.resume)
         data = load_data(config)
@@ -281,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         save_checkpoint(out / "best.pt", state)
-    final_report(state, history, data, out, device=args.device)
+    final_report(state, history, data, out, device=config.device)
     return 0
 
 

@@ -168,10 +168,10 @@ def test_train_cli_with_two_workers_writes_report(demo_root: Path, tmp_path: Pat
         str(IMAGE_SIZE),
         "--epochs",
         "2",
-        "--bn-momentum",
-        "0.3",
-        "--ema-decay",  # averaged weights under DDP: validated, checkpointed and tested
-        "0.9",
+        "--set",
+        "bn_momentum=0.3",
+        "--set",  # averaged weights under DDP: validated, checkpointed and tested
+        "ema_decay=0.9",
         "--data",
         str(demo_root / "demo"),
         "--out",

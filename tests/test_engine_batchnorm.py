@@ -217,7 +217,8 @@ def test_one_class_validation_warns_once_naming_the_settings(
 
 
 @pytest.mark.parametrize(
-    ("recalibration", "names"), [([], ["lr=1e-12", "lower lr"]), (["--bn-recalibration-images", "0"], ["bn_momentum"])]
+    ("recalibration", "names"),
+    [([], ["lr=1e-12", "lower lr"]), (["--set", "bn_recalibration_images=null"], ["bn_momentum"])],
 )
 def test_the_train_cli_warns_when_validation_predicts_one_class(
     small_demo: Path,

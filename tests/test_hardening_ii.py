@@ -323,7 +323,7 @@ def test_train_refuses_an_unknown_timm_model_before_decoding(small_demo: Path, t
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--single-process", "--model", "mobilenet", "--data", str(data), "--image-size", "32", "--epochs", "2",
-        "--batch-size", "4", "--bn-recalibration-images", "0", "--out", str(out), *extra,
+        "--batch-size", "4", "--set", "bn_recalibration_images=null", "--out", str(out), *extra,
     ]  # fmt: skip
 
 

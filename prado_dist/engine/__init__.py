@@ -2,13 +2,14 @@
 
 `TrainingRun` (session.py) builds a run from a `TrainConfig`; `train_one_epoch` / `evaluate`
 (loop.py) are the loops; metrics.py turns summed counts into metrics; checkpoint.py saves
-weights-only-loadable checkpoints; schedule.py is the report's learning-rate schedule.
+weights-only-loadable checkpoints; schedule.py is the report's learning-rate schedule and a run's
+settings over epochs as a replayable record.
 """
 
 from prado_dist.engine.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, save_checkpoint
 from prado_dist.engine.loop import InputPipeline, NonFiniteLossError, evaluate, train_one_epoch
 from prado_dist.engine.metrics import Counts, metrics_from_counts
-from prado_dist.engine.schedule import exponential_decay_after
+from prado_dist.engine.schedule import config_from_schedule, exponential_decay_after, schedule_record
 from prado_dist.engine.session import TrainingRun, evaluate_checkpoint, load_data, resolve_device, unwrap
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "TrainingRun",
     "evaluate",
     "checkpoint_config",
+    "config_from_schedule",
     "evaluate_checkpoint",
     "exponential_decay_after",
     "load_checkpoint",
@@ -26,6 +28,7 @@ __all__ = [
     "metrics_from_counts",
     "resolve_device",
     "save_checkpoint",
+    "schedule_record",
     "train_one_epoch",
     "unwrap",
 ]

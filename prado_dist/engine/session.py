@@ -384,8 +384,8 @@ class TrainingRun:
             momentum = self.config.bn_momentum or "the models' Keras 0.01"
             cause = (
                 f"Likely cause: BatchNorm running statistics that still lag the weights (bn_momentum {momentum}); "
-                "recompute them before validation with bn_recalibration_images=256 (--bn-recalibration-images "
-                "256), or set bn_momentum=0.1"
+                "recompute them before validation with bn_recalibration_images=256 (--set "
+                "bn_recalibration_images=256), or set bn_momentum=0.1"
             )
         else:
             cause = (

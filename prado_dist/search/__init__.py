@@ -3,6 +3,7 @@
 Imports the Ray Train layer (prado_dist.distributed) and below; the CLI (prado_dist.tune) wraps it.
 """
 
+from prado_dist.config import parse_set
 from prado_dist.search.preflight import check_search
 from prado_dist.search.runner import (
     PreparedSearch,
@@ -13,7 +14,7 @@ from prado_dist.search.runner import (
     run_search,
 )
 from prado_dist.search.searcher import PruningAwareOptunaSearch
-from prado_dist.search.space import SearchSpace, known_spaces, load_space, parse_set
+from prado_dist.search.space import SearchSpace, known_spaces, load_space
 from prado_dist.search.tracking import TrackingError, tracking_uri
 
 __all__ = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -38,6 +39,8 @@ def quiet_libraries(verbose: bool) -> None:
     """Keep the libraries' own loggers to errors in this process, unless `verbose`."""
     for name in LIBRARY_NOISE:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:  # PB2's Gaussian-process fits warn about kernel bounds at most of its steps
+        warnings.filterwarnings("ignore", module="sklearn")
 
 
 class TrialLines(tune.Callback):

@@ -24,7 +24,7 @@ import ray.train
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Searcher
 
 from prado_dist.config import TrainConfig
@@ -40,6 +40,7 @@ from prado_dist.engine.reporting import (
     write_confusion_csv,
 )
 from prado_dist.search.console import TrialLines
+from prado_dist.search.population import population_scheduler, record_population
 from prado_dist.search.searcher import EPOCHS_COMPLETED, PruningAwareOptunaSearch
 from prado_dist.search.space import Choice, LogUniform, SearchSpace
 from prado_dist.search.tracking import EndedTrial, SearchTracker, connect, git_commit
@@ -202,17 +203,18 @@ def build_tuner(
         return tune.Tuner.restore(location.uri, trainable, resume_unfinished=True, resume_errored=True)
     check_fits(resources, concurrent=space.max_concurrent or 1)
     concurrent = space.max_concurrent or max_concurrent_runs(resources)
-    searcher = make_searcher(settings.algorithm, space, concurrent)
-    scheduler = (
-        ASHAScheduler(
-            time_attr=EPOCHS_COMPLETED,
-            max_t=space.epochs,
-            grace_period=min(space.scheduler.grace_period, space.epochs),
-            reduction_factor=space.scheduler.reduction_factor,
+    population_based = space.scheduler.population_based
+    # PBT draws its first population itself and refuses a model-based searcher (Tune: "Search
+    # algorithms cannot be used with PopulationBasedTraining"): random, the report's point first.
+    searcher = make_searcher("random" if population_based else settings.algorithm, space, concurrent)
+    scheduler = make_scheduler(space, settings.early_stopping, location)
+    if population_based and concurrent < space.num_samples:
+        logger.warning(
+            "%d of the %d members train at a time: members compare while they train, so the later ones "
+            "copy from a population that has moved on; lower num_samples or give each trial less",
+            concurrent,
+            space.num_samples,
         )
-        if settings.early_stopping
-        else FIFOScheduler()
-    )
     return tune.Tuner(
         trainable,
         param_space=space.tune_space(),
@@ -232,8 +234,12 @@ def build_tuner(
             storage_path=location.parent_uri,
             failure_config=tune.FailureConfig(max_failures=settings.trial_failures),
             # The best two epochs by the space's own metric, and the latest (Tune keeps it to resume).
+            # A population-based search keeps them all: a member may copy another's checkpoint after
+            # the other has moved on, and Tune would otherwise have deleted it.
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=space.metric, checkpoint_score_order=space.mode
+                num_to_keep=None if population_based else 2,
+                checkpoint_score_attribute=space.metric,
+                checkpoint_score_order=space.mode,
             ),
             callbacks=[
                 *([PlacementGroupReleaser()] if space.trial.uses_ray_train else []),
@@ -244,6 +250,20 @@ def build_tuner(
             stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None,
             verbose=1 if settings.verbose else 0,  # else TrialLines says what a person needs
         ),
+    )
+
+
+def make_scheduler(space: SearchSpace, early_stopping: bool, location: SearchLocation) -> TrialScheduler:
+    """ASHA on completed epochs (FIFO without early stopping), or PBT / PB2 (population.py)."""
+    if space.scheduler.population_based:
+        return population_scheduler(space, location.local)
+    if not early_stopping:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=EPOCHS_COMPLETED,
+        max_t=space.epochs,
+        grace_period=min(space.scheduler.grace_period, space.epochs),
+        reduction_factor=space.scheduler.reduction_factor,
     )
 
 
@@ -376,6 +396,9 @@ def run_search(search: SearchSettings | PreparedSearch) -> SearchOutcome:
         results = tuner.fit()
         repair_mlflow_records(prepared.tracker, results, space.metric)
         outcome = summarise(results, space, prepared.data, location.local, prepared.parent_run_id)
+        if space.scheduler.population_based:
+            best = (outcome.best_trial_id, outcome._state)  # type: ignore[attr-defined]
+            record_population(prepared.client, prepared.tracker, space, location.local, best, prepared.parent_run_id)
         log_outcome(prepared.client, outcome, prepared.data, location.local, space)
     finally:
         # Also when the search fails or is interrupted: MLflow records still unwritten are listed.
@@ -405,6 +428,11 @@ def finished_search_outcome(settings: SearchSettings) -> SearchOutcome:
 
 def searcher_description(settings: SearchSettings) -> str:
     space = settings.space
+    if space.scheduler.population_based:
+        return (
+            f"{space.scheduler.kind.upper()}, a population of {space.num_samples} drawn at random (the report's "
+            f"configuration one of them), perturbed every {space.scheduler.perturbation_interval} epochs"
+        )
     if settings.algorithm != "tpe":
         return "random search"
     startup = space.searcher.startup_trials

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from prado_dist.config import ConfigError, TrainConfig, format_validation_error
+from prado_dist.config import SCHEDULABLE, ConfigError, TrainConfig, format_validation_error
 from prado_dist.distributed import WorkerResources
 from prado_dist.models import is_model, unknown_model
 
@@ -65,10 +65,25 @@ DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
 
 class Scheduler(_Strict):
-    """ASHA on completed epochs: stop the worse trials at rungs grace_period * reduction_factor^k."""
+    """How trials are judged while they train, on completed epochs.
 
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(3.0, gt=1.0)
+    asha: stop the worse trials at rungs grace_period * reduction_factor^k (with TPE or random search).
+    pbt / pb2: population-based training; `num_samples` members train side by side, and every
+    `perturbation_interval` epochs the bottom `quantile_fraction` copy a top member's checkpoint and
+    go on with its settings perturbed: by PBT at random (x0.8 or x1.2, or redrawn with
+    `resample_probability`), by PB2 from a Gaussian-process bandit over the params' bounds.
+    """
+
+    kind: Literal["asha", "pbt", "pb2"] = "asha"
+    grace_period: int = Field(1, ge=1)  # asha
+    reduction_factor: float = Field(3.0, gt=1.0)  # asha
+    perturbation_interval: int = Field(2, ge=1)  # pbt, pb2: epochs between exploit/explore steps
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)  # pbt, pb2
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0)  # pbt
+
+    @property
+    def population_based(self) -> bool:
+        return self.kind in ("pbt", "pb2")
 
 
 class SearcherSettings(_Strict):
@@ -149,6 +164,7 @@ class SearchSpace(_Strict):
             raise ValueError(f"{overlap} are both fixed and searched; keep each in one place")
         self.base_config()  # fixed settings must form a valid TrainConfig
         self._check_bounds()
+        self._check_population_params()
         baseline = self.baseline_point()
         for key, spec in self.params.items():
             if not _contains(spec, baseline[key]):
@@ -171,6 +187,24 @@ class SearchSpace(_Strict):
                         f"{key}: the searched range {spec.model_dump(exclude={'distribution'})} reaches {value!r}, "
                         f"which is not a valid {key} ({err}); narrow the range to valid values"
                     ) from None
+
+    def _check_population_params(self) -> None:
+        """A population-based search changes its params during a trial: only SCHEDULABLE ones can."""
+        kind = self.scheduler.kind
+        if not self.scheduler.population_based:
+            return
+        fixed_only = sorted(set(self.params) - set(SCHEDULABLE))
+        if fixed_only:
+            raise ValueError(
+                f"scheduler.kind={kind} changes the searched settings while trials train, and {fixed_only} cannot "
+                f"change during a run (only {list(SCHEDULABLE)} can): make them fixed, or use scheduler.kind=asha"
+            )
+        choices = sorted(key for key, spec in self.params.items() if isinstance(spec, Choice))
+        if kind == "pb2" and choices:
+            raise ValueError(
+                f"scheduler.kind=pb2 models continuous bounds, and {choices} are choices: search them with "
+                "uniform or loguniform, or use scheduler.kind=pbt"
+            )
 
     # --- derived --------------------------------------------------------------------------------
     @property
@@ -265,20 +299,3 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any, path: Path) -> No
             f"--set {key}: unknown setting; use a training setting ({sorted(TrainConfig.model_fields)}) or a "
             f"space key ({sorted(SearchSpace.model_fields)}, scheduler.*, searcher.*, trial.*)"
         )
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings to a dict, values parsed as YAML scalars (1e-3, true, [1, 2] ...)."""
-    parsed = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            parsed[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(
-                f"--set {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); close "
-                "its brackets and quotes, e.g. --set 'key=[1, 2]' or --set 'key=\"text\"'"
-            ) from None
-    return parsed

@@ -205,10 +205,10 @@ class SearchTracker(tune.Callback):
         """The trial's child run, created once (also across a resumed search: found by its tag)."""
         if trial_id in self.child_runs:
             return self.child_runs[trial_id]
-        query = f"tags.trial_id = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'"
-        existing = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
-        if existing:
-            run_id = existing[0].info.run_id
+        existing = self._find_child(trial_id)
+        logged: dict[str, str] = {}
+        if existing is not None:
+            run_id, logged = existing.info.run_id, existing.data.params
         else:
             tags = {
                 **self.tags,
@@ -218,11 +218,26 @@ class SearchTracker(tune.Callback):
             }
             run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         # Also when the run was found: a retried write may have created it and then failed before
-        # logging the params (logging the same values again is allowed).
-        params = [Param(key, str(value)) for key, value in sorted(config.items())]
+        # logging the params. Only those missing: MLflow refuses a changed value, and in a
+        # population-based search a member's settings change (its exploits are tagged instead).
+        params = [Param(key, str(value)) for key, value in sorted(config.items()) if key not in logged]
         self.client.log_batch(run_id, params=params)
         self.child_runs[trial_id] = run_id
         return run_id
+
+    def child_run_of(self, trial_id: str) -> str | None:
+        """The child run of a trial that has one (None: it never started)."""
+        if trial_id not in self.child_runs:
+            found = self._find_child(trial_id)
+            if found is None:
+                return None
+            self.child_runs[trial_id] = found.info.run_id
+        return self.child_runs[trial_id]
+
+    def _find_child(self, trial_id: str):
+        query = f"tags.trial_id = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'"
+        found = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        return found[0] if found else None
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.records.submit(f"child run of trial {trial.trial_id}", lambda: self.child_run(trial))

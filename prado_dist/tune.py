@@ -121,6 +121,9 @@ def print_summary(outcome: SearchOutcome, metric: str, mlflow_uri: str) -> None:
     failed = sum(t["status"] == "error" for t in outcome.trials.values())
     print(f"  {len(outcome.trials)} trials, {stopped} stopped early, {failed} failed")
     print(f"Results: {outcome.path}/summary; MLflow parent run {outcome.parent_run_id} ({how_to_open(mlflow_uri)})")
+    schedule = Path(outcome.path) / "summary" / "schedule.json"
+    if schedule.is_file():  # a population-based search: the best trial's settings changed as it trained
+        print(f"Its settings epoch by epoch: {schedule} (replay: python -m prado_dist.train --schedule {schedule})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

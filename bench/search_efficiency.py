@@ -1,4 +1,4 @@
-"""TPE + ASHA against random search without early stopping, for the same budget of epochs.
+"""TPE + ASHA (or PBT / PB2) against random search without early stopping, for the same budget of epochs.
 
 For each seed both searches run on the same data and space until their trials have trained
 `--budget` epochs in total. From every search's results (ordered by time) we get the best
@@ -7,7 +7,11 @@ needed to reach the random search's final best. Goal: TPE+ASHA needs at most hal
 Also measured: Tune's per-trial overhead (trial start to first reported epoch, minus that epoch).
 
     python bench/search_efficiency.py [--data DIR] [--seeds 3] [--first-seed 0] [--budget 24] [--set KEY=VALUE ...]
-        [--reuse-random] [--work-dir DIR] [--plot NAME.png]
+        [--scheduler asha|pbt|pb2] [--population 4] [--reuse-random] [--work-dir DIR] [--plot NAME.png]
+
+`--scheduler pbt` (or pb2) compares a population-based search of `--population` members, each
+training the space's `epochs`, with the same random search; its fields are named `pbt_*` where
+TPE + ASHA's are `tpe_*`.
 
 Appends one JSON line to bench/results/search_efficiency.jsonl and writes a plot next to it.
 
@@ -43,7 +47,8 @@ from prado_dist.data.demo import demo_data_dir  # noqa: E402
 from prado_dist.distributed.resources import local_ray_init_kwargs  # noqa: E402
 from prado_dist.engine.reporting import plt  # noqa: E402
 from prado_dist.search import SearchSettings, load_space, run_search  # noqa: E402
-from prado_dist.search.runner import finished_search_outcome, summary_file  # noqa: E402
+from prado_dist.search.runner import finished_outcome  # noqa: E402
+from prado_dist.search.storage import SearchLocation  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAINTINGS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings-dev"
@@ -98,24 +103,32 @@ def recorded_random(args: argparse.Namespace, data: Path, seed: int) -> tuple[li
     raise SystemExit(f"--reuse-random: no recorded random search of seed {seed} with these settings; run without it")
 
 
-def run(args: argparse.Namespace, data: Path, seed: int, algorithm: str, early_stopping: bool, root: Path):
+def searched_labels(args: argparse.Namespace) -> tuple[str, str]:
+    """(key of the searched search in curves and epoch counts, prefix of its per-seed fields)."""
+    return ("tpe_asha", "tpe") if args.scheduler == "asha" else (args.scheduler, args.scheduler)
+
+
+def run(args: argparse.Namespace, data: Path, seed: int, searched: bool, root: Path):
+    """The searched search of `seed` (TPE + ASHA, or population-based), or the random baseline."""
     # Each seed changes both the searcher's draws and the training runs' initialisation and augmentation.
     overrides = {**parse_set(args.overrides), "search_seed": seed, "seed": seed, "num_samples": args.budget}
-    space = load_space(args.space, overrides)
+    if not searched:
+        overrides.update({"searcher.kind": "random", "scheduler.kind": "fifo"})
+    elif args.scheduler != "asha":
+        overrides.update({"scheduler.kind": args.scheduler, "num_samples": args.population})
+    name = f"{searched_labels(args)[1] if searched else 'random'}-{seed}"
     settings = SearchSettings(
-        space=space,
+        space=load_space(args.space, overrides),
         data_dir=data,
         storage=str(root / "runs"),
-        name=f"{algorithm}-{seed}",
+        name=name,
         mlflow_uri=f"sqlite:///{root}/mlflow.db",
         experiment="search-efficiency",
-        algorithm=algorithm,
-        early_stopping=early_stopping,
         epoch_budget=args.budget,
     )
-    if summary_file(root / "runs" / settings.name).is_file():
+    if SearchLocation(str(root / "runs" / name), root / "runs" / name).summary_file.is_file():
         print(f"{settings.name}: finished in {root} already, read back", flush=True)
-        return finished_search_outcome(settings)
+        return finished_outcome(settings)
     return run_search(settings)
 
 
@@ -128,7 +141,7 @@ def plot_curves(curves: dict, args: argparse.Namespace, data: Path, seeds: list[
             where="post",
             color="tab:blue",
             alpha=0.8,
-            label="TPE + ASHA" if seed == seeds[0] else None,
+            label=("TPE + ASHA" if args.scheduler == "asha" else args.scheduler.upper()) if seed == seeds[0] else None,
         )
         axes.step(
             *zip(*random_curve, strict=True),
@@ -170,6 +183,8 @@ def main() -> int:
         help="space override for both searches, e.g. --set scheduler.grace_period=2",
     )
     parser.add_argument("--plot", default="search_efficiency.png", help="file name in bench/results/")
+    parser.add_argument("--scheduler", choices=("asha", "pbt", "pb2"), default="asha", help="the searched search")
+    parser.add_argument("--population", type=int, default=4, help="members of a pbt / pb2 search")
     parser.add_argument("--reuse-random", action="store_true", help="take the random searches from earlier lines")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a new temporary folder")
     args = parser.parse_args()
@@ -185,13 +200,14 @@ def main() -> int:
     per_seed, curves, trials, overheads = [], {}, {}, []
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     reused = {}
+    label, prefix = searched_labels(args)
     for seed in seeds:
-        tpe = run(args, data, seed, "tpe", True, root)
-        outcomes, trials[seed] = [tpe], {"tpe_asha": trial_curves(tpe)}
+        tpe = run(args, data, seed, True, root)
+        outcomes, trials[seed] = [tpe], {label: trial_curves(tpe)}
         if args.reuse_random:
             random_curve, random_fields, reused[seed] = recorded_random(args, data, seed)
         else:
-            random = run(args, data, seed, "random", False, root)
+            random = run(args, data, seed, False, root)
             outcomes.append(random)
             trials[seed]["random"] = trial_curves(random)
             random_curve = best_so_far(random)
@@ -205,20 +221,20 @@ def main() -> int:
         # Unrounded: a recorded curve keeps 4 decimals, the per-seed fields the exact value.
         target = random_fields["random_final_best"]
         needed = {
-            "tpe_asha": epochs_to_reach(tpe_curve, target),
+            label: epochs_to_reach(tpe_curve, target),
             "random": random_fields["epochs_to_reach_random_best"]["random"],
         }
         per_seed.append(
             {
                 "seed": seed,
                 "random_final_best": target,
-                "tpe_final_best": tpe_curve[-1][1],
+                f"{prefix}_final_best": tpe_curve[-1][1],
                 "epochs_to_reach_random_best": needed,
-                "ratio": needed["tpe_asha"] / needed["random"] if needed["tpe_asha"] else None,
-                "tpe_trials": len(tpe.trials),
+                "ratio": needed[label] / needed["random"] if needed[label] else None,
+                f"{prefix}_trials": len(tpe.trials),
                 "random_trials": random_fields["random_trials"],
-                "tpe_stopped_early": sum(t["stopped_early"] for t in tpe.trials.values()),
-                "tpe_test_accuracy": tpe.test["test_accuracy"],
+                f"{prefix}_stopped_early": sum(t["stopped_early"] for t in tpe.trials.values()),
+                f"{prefix}_test_accuracy": tpe.test["test_accuracy"],
                 "random_test_accuracy": random_fields["random_test_accuracy"],
             }
         )
@@ -240,18 +256,20 @@ def main() -> int:
             "benchmark": "search_efficiency",
             "space": args.space,
             "overrides": args.overrides,
+            "scheduler": args.scheduler,
+            **({"population": args.population} if args.scheduler != "asha" else {}),
             "data": str(data),
             "budget_epochs": args.budget,
             "plot": args.plot,
             "seeds": per_seed,
-            "median_ratio_tpe_to_random_epochs": median_ratio if math.isfinite(median_ratio) else None,
-            "seeds_where_tpe_reached_random_best": sum(math.isfinite(r) for r in ratios),
+            f"median_ratio_{prefix}_to_random_epochs": median_ratio if math.isfinite(median_ratio) else None,
+            f"seeds_where_{prefix}_reached_random_best": sum(math.isfinite(r) for r in ratios),
             "goal": "median ratio <= 0.5",
             # Trial start to first reported epoch, minus that epoch's own training time.
             "median_trial_overhead_s": statistics.median(overheads) if overheads else None,
             # (epochs spent, best so far) per seed, so that runs of other seeds can be pooled and replotted.
             "curves": {
-                seed: {"tpe_asha": [[n, round(v, 4)] for n, v in tpe], "random": [[n, round(v, 4)] for n, v in rnd]}
+                seed: {label: [[n, round(v, 4)] for n, v in tpe], "random": [[n, round(v, 4)] for n, v in rnd]}
                 for seed, (tpe, rnd) in curves.items()
             },
             "trials": trials,
@@ -264,7 +282,11 @@ def main() -> int:
     with open(RESULTS / "search_efficiency.jsonl", "a") as file:
         file.write(json.dumps(entry) + "\n")
     plot_curves(curves, args, data, list(seeds))
-    keys = ("median_ratio_tpe_to_random_epochs", "seeds_where_tpe_reached_random_best", "median_trial_overhead_s")
+    keys = (
+        f"median_ratio_{prefix}_to_random_epochs",
+        f"seeds_where_{prefix}_reached_random_best",
+        "median_trial_overhead_s",
+    )
     print(json.dumps({key: entry[key] for key in keys}))
     return 0
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import ray
 
 from prado_dist.data.demo import make_demo_dataset
+from prado_dist.distributed import leftover_resources
 from prado_dist.distributed.resources import local_ray_init_kwargs
 from prado_dist.search import SearchSettings, load_space, run_search
-from prado_dist.search.runner import leftover_resources
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search_load.jsonl"
 

@@ -7,6 +7,7 @@ plain names (`lr`, `pca_std`, ...). Defaults are the report's hand-picked config
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
                 "its brackets and quotes, e.g. --set 'key=[1, 2]' or --set 'key=\"text\"'"
             ) from None
     return parsed
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3 refuses a plain ./mlruns file store
+
+
+def tracking_uri(cli_value: str | None) -> str:
+    """--mlflow-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

@@ -16,8 +16,8 @@ import mlflow
 import numpy as np
 import torch
 
+from prado_dist.config import tracking_uri
 from prado_dist.data.cache import ImageRejected, decode_image
-from prado_dist.search.tracking import tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from prado_dist.config import SCHEDULABLE, ConfigError, TrainConfig, parse_set
 from prado_dist.data import DataError, PreparedData, split_counts
-from prado_dist.data.demo import demo_data_dir
+from prado_dist.data.demo import announce_data
 from prado_dist.engine import (
     TrainingRun,
     config_from_schedule,
@@ -124,20 +124,6 @@ def replayed_config(path: Path, overrides: dict) -> TrainConfig:
         return config_from_schedule(record, overrides)
     except ConfigError as err:
         raise ConfigError(f"--schedule {path}: {err}") from None
-
-
-def announce_data(data: Path | None) -> Path | None:
-    """`data` unchanged; without it, say that the built-in demo set is used and how to get real data.
-
-    The demo set stays `None` in the config: every machine (every Ray node) builds it for itself.
-    """
-    if data is None:
-        print(
-            f"No --data given: using the generated demo paintings in {demo_data_dir()} (not real paintings).\n"
-            "For the Prado images: python -m prado_dist.data fetch --csv prado.csv --out DIR, then --data DIR.",
-            flush=True,
-        )
-    return data
 
 
 def train_single_process(

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from prado_dist.config import ConfigError
 from prado_dist.data import DataError
+from prado_dist.data.demo import announce_data
 from prado_dist.distributed import ResourceError, connect
 from prado_dist.search import (
     SearchError,
+    SearchInterrupted,
     SearchOutcome,
     SearchSettings,
     TrackingError,
@@ -27,11 +29,10 @@ from prado_dist.search import (
     load_space,
     parse_set,
     prepare_search,
-    run_search,
+    run_prepared,
     tracking_uri,
 )
 from prado_dist.search.console import quiet_libraries
-from prado_dist.train import announce_data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_search(settings.space)  # what would fail inside every trial: before any decode
         prepared = prepare_search(settings)  # data, storage and MLflow are checked before Ray starts
         connect(args.address, num_cpus=args.num_cpus)
-        outcome = run_search(prepared)
+        outcome = run_prepared(prepared)
+    except SearchInterrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130  # the shell's code for a command ended by Ctrl-C
     except (ConfigError, DataError, ResourceError, SearchError, TrackingError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

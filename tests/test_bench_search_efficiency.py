@@ -73,15 +73,30 @@ def test_reuse_takes_the_newest_random_search_with_the_same_settings(efficiency,
 
 def test_searches_finished_in_the_work_dir_are_read_back_not_rerun(efficiency, tmp_path, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(efficiency, "finished_search_outcome", lambda settings: calls.append(("read", settings.name)))
+    monkeypatch.setattr(efficiency, "finished_outcome", lambda settings: calls.append(("read", settings.name)))
     monkeypatch.setattr(efficiency, "run_search", lambda settings: calls.append(("run", settings.name)))
     finished = tmp_path / "runs" / "tpe-0" / "summary"
     finished.mkdir(parents=True)
     (finished / "summary.json").write_text("{}")
-    args = argparse.Namespace(space="demo", budget=24, overrides=[])
+    args = argparse.Namespace(space="demo", budget=24, overrides=[], scheduler="asha", population=4)
     for seed in (0, 1):
-        efficiency.run(args, Path("/data/dev"), seed, "tpe", True, tmp_path)
+        efficiency.run(args, Path("/data/dev"), seed, True, tmp_path)
     assert calls == [("read", "tpe-0"), ("run", "tpe-1")]
+
+
+def test_each_search_is_the_space_with_its_searcher_and_scheduler(efficiency, tmp_path, monkeypatch) -> None:
+    spaces = {}
+    monkeypatch.setattr(efficiency, "run_search", lambda settings: spaces.update({settings.name: settings.space}))
+    asha = argparse.Namespace(space="demo", budget=24, overrides=["epochs=4"], scheduler="asha", population=4)
+    pbt = argparse.Namespace(**{**vars(asha), "scheduler": "pbt", "population": 3})
+    efficiency.run(asha, Path("/data/dev"), 0, True, tmp_path)
+    efficiency.run(asha, Path("/data/dev"), 0, False, tmp_path)
+    efficiency.run(pbt, Path("/data/dev"), 0, True, tmp_path)
+    tpe, random, population = spaces["tpe-0"], spaces["random-0"], spaces["pbt-0"]
+    assert (tpe.searcher.kind, tpe.scheduler.kind, tpe.num_samples) == ("tpe", "asha", 24)
+    assert (random.searcher.kind, random.scheduler.kind, random.num_samples) == ("random", "fifo", 24)
+    assert (population.scheduler.kind, population.num_samples, population.epochs) == ("pbt", 3, 4)
+    assert efficiency.searched_labels(pbt) == ("pbt", "pbt") and efficiency.searched_labels(asha)[0] == "tpe_asha"
 
 
 def test_a_plot_path_is_refused_before_any_search(efficiency, monkeypatch, capsys) -> None:

@@ -125,8 +125,8 @@ def test_ray_train_workers_train_on_the_gpu(
 @pytest.mark.ray
 @pytest.mark.slow
 def test_search_trials_share_the_gpu(ray_with_gpu, small_demo: Path, tmp_path: Path) -> None:
+    from prado_dist.distributed import leftover_resources
     from prado_dist.search import SearchSettings, load_space, run_search
-    from prado_dist.search.runner import leftover_resources
 
     overrides = {
         "num_samples": 4,

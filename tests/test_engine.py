@@ -24,8 +24,8 @@ from prado_dist.engine import (
     save_checkpoint,
 )
 from prado_dist.engine.loop import weighted_cross_entropy
-from prado_dist.engine.reporting import ParameterAxis, parameter_points, plot_parameter_effects
 from prado_dist.models import create_model, list_models
+from prado_dist.search.plots import ParameterAxis, parameter_points, plot_parameter_effects
 
 CLASSES = ["goya", "bayeu", "haes", "pizarro", "ribera"]
 

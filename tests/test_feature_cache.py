@@ -327,8 +327,8 @@ def test_two_ray_workers_share_one_feature_file_and_match_one_process(small_demo
 def test_search_over_a_transfer_space_builds_features_once(
     small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from prado_dist.distributed import leftover_resources
     from prado_dist.search import SearchSettings, run_search
-    from prado_dist.search.runner import leftover_resources
     from tests.conftest import local_ray
 
     overrides = {

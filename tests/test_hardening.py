@@ -32,11 +32,13 @@ from prado_dist.data import cache as cache_module
 from prado_dist.data.__main__ import main as data_main
 from prado_dist.data.dataset import prepare_data
 from prado_dist.data.sources import DataError
+from prado_dist.distributed import leftover_resources
 from prado_dist.engine import checkpoint as checkpoint_module
 from prado_dist.engine.checkpoint import load_checkpoint, save_checkpoint
 from prado_dist.search import SearchSettings, load_space, prepare_search, run_search
 from prado_dist.search import runner as runner_module
-from prado_dist.search.runner import STATE_FILE, leftover_resources, locate
+from prado_dist.search import storage as storage_module
+from prado_dist.search.storage import STATE_FILE, locate
 from prado_dist.search.tracking import EndedTrial, SearchTracker, connect
 from prado_dist.train import main as train_main
 from prado_dist.tune import main as tune_main
@@ -536,7 +538,7 @@ def test_two_searches_in_the_same_second_do_not_share_a_folder_or_parent_run(
 ) -> None:
     strftime = time.strftime
     monkeypatch.setattr(
-        runner_module.time,
+        storage_module.time,
         "strftime",
         lambda fmt, *a: "20250101-120000" if fmt == "%Y%m%d-%H%M%S" else strftime(fmt, *a),
     )
@@ -546,9 +548,10 @@ def test_two_searches_in_the_same_second_do_not_share_a_folder_or_parent_run(
     )
     first, second = prepare_search(settings), prepare_search(settings)
     assert (first.location.name, second.location.name) == ("demo-20250101-120000", "demo-20250101-120000-2")
-    assert first.parent_run_id != second.parent_run_id and first.experiment_id == second.experiment_id
-    for prepared in (first, second):
-        assert json.loads((prepared.location.local / STATE_FILE).read_text())["parent_run_id"] == prepared.parent_run_id
+    parents = [runner_module.open_parent_run(prepared) for prepared in (first, second)]
+    assert parents[0] != parents[1] and first.experiment_id == second.experiment_id
+    for prepared, parent in zip((first, second), parents, strict=True):
+        assert json.loads((prepared.location.local / STATE_FILE).read_text())["parent_run_id"] == parent
 
 
 def test_experiment_created_by_another_search_meanwhile_is_used(mlflow_uri: str, monkeypatch) -> None:
@@ -602,9 +605,15 @@ def test_more_gpus_than_the_cluster_has_is_refused_before_any_trial(
     (search,) = (tmp_path / "runs").iterdir()
     assert not (search / "tuner.pkl").exists() and not (search / "train").exists()  # no trial started
     assert leftover_resources()["placement_groups"] == []
-    parent_id = json.loads((search / STATE_FILE).read_text())["parent_run_id"]
-    parent = MlflowClient(tracking_uri=mlflow_uri).get_run(parent_id)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert parent.info.status == "FAILED" and "GPUs" in parent.data.tags["error"]
+    # The failed start leaves its name free: the same --name, fixed, runs (it was refused as existing).
+    assert not (search / STATE_FILE).exists()
+    assert (
+        run_tune(search_args(small_demo, tmp_path, mlflow_uri, "--name", search.name, "--num-samples", "1"), capsys)[0]
+        == 0
+    )
 
 
 DIVERGING_SPACE = {

@@ -421,3 +421,31 @@ def test_sixteen_bit_image_is_rescaled_without_a_full_size_float_copy(tmp_path: 
     expected = np.asarray(Image.fromarray(values).resize((32, 32), Image.Resampling.BILINEAR)) / 257
     assert np.abs(decoded[..., 0].astype(float) - expected).max() <= 1
     assert (decoded[..., 0] == decoded[..., 2]).all()
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        (["--set", "epochs=2"], "space.fixed.epochs: 1 then, 2 now"),
+        (["--set", "scheduler.reduction_factor=3"], "space.scheduler.reduction_factor: 2.0 then, 3.0 now"),
+        (["--mlflow-uri", "sqlite:///elsewhere.db"], "mlflow_uri: "),
+        (["--data", "OTHER"], "data: "),
+    ],
+    ids=["set", "space", "mlflow-uri", "data"],
+)
+def test_a_search_resumed_with_other_settings_is_refused_naming_them(
+    changed: list[str], named: str, small_demo: Path, tmp_path: Path, mlflow_uri: str, decoded, capsys
+) -> None:
+    from prado_dist.search.storage import locate, write_state
+    from prado_dist.tune import build_parser, settings_from_args
+
+    started = search_args(small_demo, tmp_path, mlflow_uri, "--name", "first")
+    location = locate(settings_from_args(build_parser().parse_args(started)))
+    location.local.mkdir(parents=True)
+    (location.local / "tuner.pkl").write_bytes(b"")  # Tune's state, as far as resuming can tell before Ray
+    write_state(location, "parent-id", "0", settings_from_args(build_parser().parse_args(started)))
+    other_data = painters(tmp_path / "other", {name: 3 for name in PRADO_AUTHORS.values()})
+    changed = [str(other_data) if value == "OTHER" else value for value in changed]
+    code, err = run_tune([*started, *changed, "--resume"], capsys)
+    assert code == 2 and "--resume continues a search with the settings it started with" in err
+    assert named in err and not decoded

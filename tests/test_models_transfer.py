@@ -182,3 +182,22 @@ def test_any_timm_model_through_prefix() -> None:
         create_model("timm:not_a_model")
     with pytest.raises(ValueError, match=r"does not take argument\(s\) \['colour'\]"):
         create_model("timm:resnet18", colour=True)
+
+
+def test_pretrained_takes_timms_booleans(offline_hub: Path) -> None:
+    # As a timm user writes it: False for random weights, on every model, the custom CNNs included.
+    for name in ("mobilenetv2", "resnet29", "timm:resnet18"):
+        assert isinstance(create_model(name, pretrained=False), torch.nn.Module)
+    # True: timm's own weights, which come from the Hugging Face cache here (nothing is downloaded).
+    with pytest.raises(FileNotFoundError, match="no cached pretrained weights"):
+        create_model("mobilenetv2", pretrained=True)
+    torch.manual_seed(3)
+    source = timm.create_model("mobilenetv2_100", pretrained=False)
+    snapshot = offline_hub / "models--timm--mobilenetv2_100.ra_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    safetensors.torch.save_file(source.state_dict(), str(snapshot / "model.safetensors"))
+    assert torch.equal(create_model("mobilenetv2", pretrained=True).backbone.conv_stem.weight, source.conv_stem.weight)
+    with pytest.raises(ValueError, match="does not take argument"):
+        create_model("resnet29", pretrained=True)  # a custom CNN has no pretrained weights

@@ -17,7 +17,7 @@ from prado_dist.data import prepare_data
 from prado_dist.data.cache import decode_image
 from prado_dist.engine import TrainingRun
 from prado_dist.engine.export import PaintingClassifier
-from prado_dist.search.runner import log_best_model
+from prado_dist.search.report import log_best_model
 
 
 def test_predict_prints_each_images_probabilities(
@@ -36,7 +36,7 @@ def test_predict_prints_each_images_probabilities(
     with mlflow.start_run() as parent:
         run_id = parent.info.run_id
     # What a search logs at its end: the best checkpoint, as a model that normalises its own input.
-    log_best_model(uri, run_id, SimpleNamespace(_state=run.state_dict(epoch=0)), data)
+    log_best_model(uri, run_id, SimpleNamespace(best_state=run.state_dict(epoch=0)), data)
 
     # Loading the exported program needs torch, not prado_dist's code.
     requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt")).read_text()
@@ -80,7 +80,7 @@ def test_logged_model_passes_mlflows_input_check_on_a_gpu_machine(
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run() as parent:
         run_id = parent.info.run_id
-    log_best_model(uri, run_id, SimpleNamespace(_state=run.state_dict(epoch=0)), data)
+    log_best_model(uri, run_id, SimpleNamespace(best_state=run.state_dict(epoch=0)), data)
     assert "Failed to validate serving input example" not in capfd.readouterr().err
     # Whoever serves it on a GPU machine through pyfunc loads it on the CPU likewise (README).
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", model_config={"device": "cpu"})

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from prado_dist.distributed import leftover_resources
 from prado_dist.search import SearchError, SearchSettings, load_space, run_search
-from prado_dist.search.runner import finished_search_outcome, leftover_resources
+from prado_dist.search.runner import finished_outcome
 from prado_dist.tune import how_to_open
 from tests.conftest import local_ray
 
@@ -58,7 +59,7 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
     with local_ray(num_cpus=2):  # the laptop case that used to deadlock
         outcome = run_search(settings)
         leftovers = leftover_resources()
-        read_back = finished_search_outcome(settings)  # from storage alone: nothing trains again
+        read_back = finished_outcome(settings)  # from storage alone: nothing trains again
 
     # The search finished every trial, ASHA stopped at least one, and nothing stays reserved.
     assert len(outcome.trials) == 4
@@ -163,10 +164,11 @@ def test_placement_groups_whose_creator_died_are_released() -> None:
 def test_search_stopped_by_its_epoch_budget_leaves_nothing_for_the_next(small_demo: Path, tmp_path: Path) -> None:
     # The benchmark's path: random search without early stopping, ended mid-flight by the budget while
     # trials are still starting; the next search on the same Ray instance must get the CPUs.
-    space = load_space("demo", {**DEMO_OVERRIDES, "num_samples": 6, "epochs": 2})
+    baselines = {"searcher.kind": "random", "scheduler.kind": "fifo"}
+    space = load_space("demo", {**DEMO_OVERRIDES, "num_samples": 6, "epochs": 2, **baselines})
     budget = SearchSettings(
         space=space, data_dir=small_demo, storage=str(tmp_path / "runs"), name="budget",
-        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", algorithm="random", early_stopping=False, epoch_budget=3,
+        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", epoch_budget=3,
     )  # fmt: skip
     with local_ray(num_cpus=2):
         stopped = run_search(budget)
@@ -236,7 +238,10 @@ def finished_children(db: Path) -> int:
 
 def kill_session(process: subprocess.Popen, ray_dir: str) -> None:
     """SIGKILL the driver and every Ray process of its private temp dir."""
-    os.killpg(process.pid, signal.SIGKILL)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the driver's session has ended already
+        pass
     process.wait(timeout=30)
     listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     for line in listing.splitlines()[1:]:
@@ -312,4 +317,54 @@ def test_reading_back_an_unfinished_search_is_refused(small_demo: Path, tmp_path
     (tmp_path / "half").mkdir()  # a search stopped before its summary was written
     settings = SearchSettings(space=load_space("demo"), data_dir=small_demo, storage=str(tmp_path), name="half")
     with pytest.raises(SearchError, match="holds no finished search"):
-        finished_search_outcome(settings)
+        finished_outcome(settings)
+
+
+def parent_record(db: Path) -> tuple[str, set[str]]:
+    """The search's parent run: its status and the names of its metrics."""
+    with sqlite3.connect(db) as connection:
+        run_id, status = connection.execute(
+            "select run_uuid, status from runs where run_uuid not in "
+            "(select run_uuid from tags where key = 'mlflow.parentRunId')"
+        ).fetchone()
+        metrics = {key for (key,) in connection.execute("select key from metrics where run_uuid = ?", (run_id,))}
+    return status, metrics
+
+
+def test_ctrl_c_leaves_an_untested_killed_search_that_resumes_to_its_end(small_demo: Path, tmp_path: Path) -> None:
+    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_dir, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(
+            tune_command(storage, db, "--data", str(small_demo)), env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 400
+        while finished_children(db) < 1:  # one trial done, the next under way
+            assert first.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first trial did not finish in time"
+            time.sleep(1)
+        first.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal: to the driver
+        try:
+            code = first.wait(timeout=180)
+        finally:
+            kill_session(first, ray_dir)
+    output = log_path.read_text()
+    assert code == 130, output[-3000:]
+    assert "was interrupted" in output and "--resume --name resumable" in output and "Search finished" not in output
+    assert not (storage / "resumable" / "summary").exists()  # nothing tested, nothing summarised
+    status, metrics = parent_record(db)
+    assert status == "KILLED" and not any(key.startswith("test_") for key in metrics)
+
+    second = subprocess.run(
+        tune_command(storage, db, "--data", str(small_demo), "--resume"), env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "=== Search finished ===" in second.stdout
+    summary = json.loads((storage / "resumable" / "summary" / "summary.json").read_text())
+    assert len(summary["trials"]) == 4 and finished_children(db) == 4
+    status, metrics = parent_record(db)
+    assert status == "FINISHED" and {"test_accuracy", "test_balanced_accuracy"} <= metrics

@@ -9,9 +9,8 @@ import yaml
 
 from prado_dist.config import ConfigError
 from prado_dist.distributed import WorkerResources
-from prado_dist.engine.reporting import ParameterAxis
 from prado_dist.search import known_spaces, load_space, parse_set
-from prado_dist.search.runner import parameter_axes
+from prado_dist.search.plots import ParameterAxis, parameter_axes
 
 GOOD = {
     "model": "mobilenet",

@@ -74,7 +74,7 @@ def test_first_point_is_the_baseline() -> None:
 
 
 def test_epoch_budget_counts_each_trained_epoch_once() -> None:
-    from prado_dist.search.runner import EpochBudget
+    from prado_dist.search.tuner import EpochBudget
 
     budget = EpochBudget(5)
     for epoch in (1, 2, 3):
@@ -89,20 +89,24 @@ def test_epoch_budget_counts_each_trained_epoch_once() -> None:
 
 
 def test_tpe_models_after_the_spaces_startup_trials(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.tune.search import BasicVariantGenerator
+
     from prado_dist.search import load_space
-    from prado_dist.search.runner import SearchSettings, make_searcher, searcher_description
+    from prado_dist.search.tuner import make_searcher, searcher_description
 
     samplers: list[dict] = []
     tpe = optuna.samplers.TPESampler
     monkeypatch.setattr(optuna.samplers, "TPESampler", lambda **kwargs: samplers.append(kwargs) or tpe(**kwargs))
     space = load_space("demo", {"searcher.startup_trials": 2, "search_seed": 7})
-    assert isinstance(make_searcher("tpe", space, concurrent=1), PruningAwareOptunaSearch)
+    assert isinstance(make_searcher(space, concurrent=1), PruningAwareOptunaSearch)
     assert samplers == [{"seed": 7, "n_startup_trials": 2}]
-    assert searcher_description(SearchSettings(space=space, data_dir=tmp_path)).startswith("Optuna TPE (the first 2")
+    assert searcher_description(space).startswith("Optuna TPE (the first 2")
     # Optuna's default of 10 start-up trials would leave a 6-trial search all random: said, not hidden.
     default = load_space("demo", {"searcher.startup_trials": 10})
-    assert "all 6 trials are its random start-up trials" in searcher_description(
-        SearchSettings(space=default, data_dir=tmp_path)
-    )
-    with pytest.raises(Exception, match="unknown search algorithm"):
-        make_searcher("grid", space, concurrent=1)
+    assert "all 6 trials are its random start-up trials" in searcher_description(default)
+    # The baselines of bench/search_efficiency.py are settings of the space, as any user may choose them.
+    baselines = load_space("demo", {"searcher.kind": "random", "scheduler.kind": "fifo"})
+    assert isinstance(make_searcher(baselines, concurrent=1), BasicVariantGenerator)
+    assert searcher_description(baselines) == "random search without early stopping"
+    with pytest.raises(Exception, match="searcher.kind"):
+        load_space("demo", {"searcher.kind": "grid"})

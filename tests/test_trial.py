@@ -146,7 +146,7 @@ class FakeResult:
 
 
 def test_best_checkpoint_follows_the_spaces_metric_and_mode() -> None:
-    from prado_dist.search.runner import best_checkpoint
+    from prado_dist.search.results import best_checkpoint
 
     space = load_space("demo", {"metric": "val_loss", "mode": "min"})
     results = [FakeResult("a", [1.2, 0.9]), FakeResult("b", [0.7, 1.5])]

@@ -21,10 +21,11 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -34,6 +35,7 @@ from tqdm import tqdm
 from prado_dist.data.sources import DataError, Sample, SampleSet
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Bump whenever decoding or the on-disk format changes, so old caches are not reused.
 CACHE_FORMAT_VERSION = 2  # 2: JPEGs decoded at reduced size (draft), 16-bit images resized before 8-bit
@@ -211,21 +213,7 @@ def build_cache(sample_set: SampleSet, image_size: int, cache_dir: Path | None =
     duplicates = duplicate_groups(sample_set, digests)
     directory = cache_dir / key
 
-    cached = _open_if_complete(directory, key, image_size, sample_set)
-    if cached is not None:
-        cached.duplicates = duplicates
-        return cached
-    lock = FileLock(str(cache_dir / f"{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.info("waiting for another process to finish building cache %s", directory)
-        lock.acquire()
-    try:
-        cached = _open_if_complete(directory, key, image_size, sample_set)
-        if cached is not None:
-            cached.duplicates = duplicates
-            return cached
+    def build() -> None:
         if directory.exists():
             # Only reachable if a cache folder was damaged by hand; rebuild it.
             logger.warning("removing incomplete cache folder %s", directory)
@@ -238,13 +226,41 @@ def build_cache(sample_set: SampleSet, image_size: int, cache_dir: Path | None =
             raise _cache_write_error(cache_dir, err) from err
         if duplicates:  # reported once, when the cache is built; `inspect` lists them every time
             logger.warning(describe_duplicates(duplicates, sample_set.classes))
-    finally:
-        lock.release()
-    cached = _open_if_complete(directory, key, image_size, sample_set)
-    if cached is None:
-        raise RuntimeError(f"cache {directory} was written but cannot be read back")
+
+    cached, _ = build_once(
+        cache_dir / f"{key}.lock", lambda: _open_if_complete(directory, key, image_size, sample_set), build, directory
+    )
     cached.duplicates = duplicates
     return cached
+
+
+def build_once(
+    lock_path: Path, read: Callable[[], T | None], build: Callable[[], None], what: object
+) -> tuple[T, bool]:
+    """What `read()` finds complete; else `build()` it first, once across processes (Ray workers,
+    trials): one builds under a file lock, the others wait and then read its result. `build` must
+    publish atomically (write aside, rename into place), so that `read` never sees half of it.
+    Returns (the result, whether this call built it)."""
+    found = read()
+    if found is not None:
+        return found, False
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another process to finish building %s", what)
+        lock.acquire()
+    try:
+        found = read()
+        if found is not None:
+            return found, False
+        build()
+    finally:
+        lock.release()
+    found = read()
+    if found is None:
+        raise RuntimeError(f"{what} was written but cannot be read back")
+    return found, True
 
 
 def describe_duplicates(duplicates: Sequence[Sequence[Sample]], classes: Sequence[str]) -> str:

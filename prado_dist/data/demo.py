@@ -273,6 +273,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
 
 
+def announce_data(data: Path | None) -> Path | None:
+    """`data` unchanged; without it, say that the built-in demo set is used and how to get real data.
+
+    The demo set stays `None` in the config: every machine (every Ray node) builds it for itself.
+    """
+    if data is None:
+        print(
+            f"No --data given: using the generated demo paintings in {demo_data_dir()} (not real paintings).\n"
+            "For the Prado images: python -m prado_dist.data fetch --csv prado.csv --out DIR, then --data DIR.",
+            flush=True,
+        )
+    return data
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `demo`."""
     out = make_demo_dataset(args.out, images=args.images, seed=args.seed, size=args.size)

@@ -24,7 +24,6 @@ import random
 import shutil
 import sys
 import threading
-import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from prado_dist.data.sources import PRADO_AUTHORS, PRADO_CSV, image_name_from_url
+from prado_dist.data.sources import PRADO_CSV, image_name_from_url, read_painter_rows
 
 _CHUNK_BYTES = 1 << 16
 _USER_AGENT = "prado_dist-fetch/0.1 (research; Python urllib)"
@@ -114,27 +113,6 @@ def image_file_name(url: str) -> str:
     if name in ("", ".", "..") or "/" in name or "\\" in name or name.endswith(".part"):
         raise ValueError(f"cannot derive an image file name from URL {url!r}")
     return name
-
-
-def read_painter_rows(csv_path: Path) -> list[dict[str, str]]:
-    """The csv rows whose `author` is one of the five painters' exact author strings."""
-    authors = {_normalise(author) for author in PRADO_AUTHORS.values()}
-    # prado.csv has long free-text columns; the csv module's 128 KiB default field limit is a
-    # guard against runaway parsing, not a property of the file (sources.py raises it alike).
-    csv.field_size_limit(max(csv.field_size_limit(), 16 * 1024 * 1024))
-    # utf-8-sig: tolerate a byte-order mark, which spreadsheet tools like to add.
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"author", "work_image_url"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{csv_path} lacks the column(s) {sorted(missing)}; found {reader.fieldnames}")
-        return [row for row in reader if _normalise(row["author"] or "") in authors]
-
-
-def _normalise(author: str) -> str:
-    # "Subías" may be stored composed or decomposed; sources.py takes both for the same painter,
-    # so fetch must download both, or the dataset would list rows whose files were never fetched.
-    return unicodedata.normalize("NFC", author.strip())
 
 
 def _content_length(response: http.client.HTTPResponse) -> int | None:
@@ -252,7 +230,9 @@ def fetch_images(
     if not csv_path.is_file():
         raise FileNotFoundError(f"metadata csv not found: {csv_path} (the Kaggle file is prado.csv)")
 
-    rows = read_painter_rows(csv_path)
+    # Both forms of an author string, as sources.py reads them: else the dataset would list rows whose
+    # files were never fetched.
+    rows = [row for _, _, row in read_painter_rows(csv_path)]
     images_dir = out_dir / "images"
     try:
         images_dir.mkdir(parents=True, exist_ok=True)

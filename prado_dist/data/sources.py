@@ -92,13 +92,7 @@ def is_image_file(path: Path) -> bool:
 
 def _find_kaggle_samples(root: Path) -> SampleSet:
     csv_path = root / PRADO_CSV
-    rows = _read_prado_csv(csv_path)
-    class_of_author = {_normalise(author): label for label, author in enumerate(PRADO_AUTHORS.values())}
-    selected = [
-        (line, class_of_author[_normalise(row["author"])], row["work_image_url"])
-        for line, row in rows
-        if _normalise(row["author"]) in class_of_author
-    ]
+    selected = [(line, label, row["work_image_url"]) for line, label, row in read_painter_rows(csv_path)]
     if not selected:
         authors = "; ".join(PRADO_AUTHORS.values())
         raise DataError(f"{csv_path} lists none of the five painters (author column): {authors}")
@@ -139,7 +133,12 @@ def image_name_from_url(url: str) -> str:
     return unquote(PurePosixPath(urlsplit(url.strip()).path).name)
 
 
-def _read_prado_csv(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
+def read_painter_rows(csv_path: Path) -> list[tuple[int, int, dict[str, str]]]:
+    """(csv line, class label, row) of every row whose `author` is one of the five painters' exact
+    author strings; lines are numbered as an editor shows them (header = line 1)."""
+    class_of_author = {normalise_author(author): label for label, author in enumerate(PRADO_AUTHORS.values())}
+    # prado.csv has long free-text columns; the csv module's 128 KiB default field limit is a guard
+    # against runaway parsing, not a property of the file.
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     # utf-8-sig: a byte-order mark would otherwise become part of the first column's name.
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -151,11 +150,15 @@ def _read_prado_csv(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
                 f"{csv_path} lacks the column(s) {missing}; expected the Kaggle prado.csv with "
                 f"{list(PRADO_COLUMNS)} (found {columns[:10]}{' ...' if len(columns) > 10 else ''})"
             )
-        # Data lines are numbered as an editor shows them (header = line 1).
-        return [(reader.line_num, {key: row[key] or "" for key in PRADO_COLUMNS}) for row in reader]
+        rows = [(reader.line_num, {key: value or "" for key, value in row.items()}) for row in reader]
+    return [
+        (line, class_of_author[normalise_author(row["author"])], row)
+        for line, row in rows
+        if normalise_author(row["author"]) in class_of_author
+    ]
 
 
-def _normalise(author: str) -> str:
+def normalise_author(author: str) -> str:
     # "Subías" may be stored composed or decomposed; both are the same exact author string.
     return unicodedata.normalize("NFC", author.strip())
 

@@ -8,6 +8,7 @@ from prado_dist.distributed.resources import (
     WorkerResources,
     check_fits,
     check_global_batch,
+    leftover_resources,
     max_concurrent_runs,
 )
 from prado_dist.distributed.trainer import (
@@ -28,6 +29,7 @@ __all__ = [
     "WorkerResources",
     "best_checkpoint_state",
     "build_trainer",
+    "leftover_resources",
     "check_fits",
     "check_global_batch",
     "connect",

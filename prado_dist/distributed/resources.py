@@ -145,3 +145,11 @@ def max_concurrent_runs(request: WorkerResources) -> int:
             concurrent,
         )
     return concurrent
+
+
+def leftover_resources() -> dict:
+    """What a finished search or run may have left behind in the Ray cluster (for tests and benches)."""
+    from ray.util import placement_group_table
+
+    groups = [pg for pg, info in placement_group_table().items() if info.get("state") != "REMOVED"]
+    return {"placement_groups": groups, "available": ray.available_resources(), "total": ray.cluster_resources()}

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from prado_dist.data import PreparedData
+from prado_dist.engine.checkpoint import checkpoint_config
 from prado_dist.engine.loop import InputPipeline
+from prado_dist.engine.session import TrainingRun
 
 
 class PaintingClassifier(nn.Module):
@@ -25,3 +30,12 @@ class PaintingClassifier(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.pipeline(images, train=False)).float().softmax(dim=1)
+
+
+def classifier_from_checkpoint(state: dict[str, Any], data: PreparedData) -> PaintingClassifier:
+    """The checkpoint's whole network on images, on the CPU (a transfer run may have trained only its
+    head on cached features: the backbone comes from its pretrained weights, as in training)."""
+    config = checkpoint_config(state).with_overrides({"device": "cpu"})
+    run = TrainingRun(config, data)
+    run.load_model_state(state["model"])
+    return PaintingClassifier(run.network, run.image_pipeline, data.classes, config.image_size)

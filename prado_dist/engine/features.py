@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from filelock import FileLock, Timeout
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData, default_cache_dir
+from prado_dist.data.cache import build_once
 from prado_dist.engine.loop import InputPipeline
 from prado_dist.models import TransferModel
 
@@ -152,31 +152,15 @@ def load_or_build_features(
     path = directory / f"{key}.npy"
     expected = (len(data.images), model.num_features)
 
-    def result(features: np.ndarray, built: bool) -> CachedFeatures:
-        return CachedFeatures(key, path, features, built, time.perf_counter() - started)
-
-    features = _open_if_complete(path, expected)
-    if features is not None:
-        return result(features, built=False)
-    lock = FileLock(str(directory / f"{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.info("waiting for another process to finish building features %s", path.name)
-        lock.acquire()
-    try:
-        features = _open_if_complete(path, expected)
-        if features is not None:
-            return result(features, built=False)
+    def build() -> None:
         for leftover in directory.glob(f"{_staging_prefix(key)}*"):  # from a killed build; we hold the lock
             leftover.unlink(missing_ok=True)
         _write_features(model, data, path, key, description, device or _device_of(model), batch_size)
-    finally:
-        lock.release()
-    features = _open_if_complete(path, expected)
-    if features is None:
-        raise RuntimeError(f"features {path} were written but cannot be read back")
-    done = result(features, built=True)
+
+    features, built = build_once(directory / f"{key}.lock", lambda: _open_if_complete(path, expected), build, path)
+    done = CachedFeatures(key, path, features, built, time.perf_counter() - started)
+    if not built:
+        return done
     logger.info(
         "computed %s features of %d images with %s in %.1f s: %s",
         model.num_features, expected[0], model.timm_name, done.seconds, path,

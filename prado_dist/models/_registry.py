@@ -74,6 +74,7 @@ def create_model(name: str, num_classes: int = 5, **kwargs: Any) -> nn.Module:
     `name` is a registered name (`list_models()`) or `timm:<timm model name>`, which builds that timm
     backbone with the transfer-learning head (`prado_dist.models.transfer.TransferModel`). Keyword
     arguments go to the constructor; one it does not take raises `ValueError` naming those it takes.
+    As in timm, `pretrained=False` is accepted by every model, and `pretrained=True` by those with weights.
     """
     constructor: Callable[..., nn.Module]
     if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
@@ -89,6 +90,8 @@ def create_model(name: str, num_classes: int = 5, **kwargs: Any) -> nn.Module:
             "timm model (timm.list_models())"
         )
     parameters = inspect.signature(constructor).parameters
+    if "pretrained" not in parameters and kwargs.get("pretrained") is False:
+        del kwargs["pretrained"]  # timm's way of saying "random weights", which a custom CNN always has
     unexpected = sorted(set(kwargs) - set(parameters))
     if unexpected:
         accepted = [p for p in parameters if p != "num_classes"]

@@ -136,11 +136,17 @@ def hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = previous_env
 
 
-def build_backbone(timm_name: str, pretrained: Path | str | None) -> nn.Module:
-    """timm model without classifier and pooling (`forward_features` gives the unpooled feature map)."""
+def build_backbone(timm_name: str, pretrained: Path | str | bool | None) -> nn.Module:
+    """timm model without classifier and pooling (`forward_features` gives the unpooled feature map).
+
+    `pretrained` as timm takes it (True: timm's own weights, from the Hugging Face cache here, since
+    nothing is downloaded; False: random), or a weight file, "hf-cache", "package", None.
+    """
     if not timm.is_model(timm_name):
         raise ValueError(f"unknown timm model {timm_name!r}; see timm.list_models() for the available names")
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": ""}
+    if isinstance(pretrained, bool):
+        pretrained = HF_CACHE if pretrained else None
     if pretrained is not None and str(pretrained) in (HF_CACHE, PACKAGE):
         pretrained = str(pretrained)  # TrainConfig.pretrained is a Path: Path("hf-cache") != "hf-cache"
     if pretrained == HF_CACHE:
@@ -245,7 +251,7 @@ class TransferModel(nn.Module):
         image_size: int = 224,
         output_bias: Sequence[float] | None = None,
         dropout: float = 0.0,
-        pretrained: Path | str | None = None,
+        pretrained: Path | str | bool | None = None,
         unfreeze_stages: int = 0,
         global_pool: str = "avg",
     ) -> None:
@@ -340,7 +346,7 @@ def _register_report_model(name: str, description: str) -> None:
         image_size: int = 224,
         output_bias: Sequence[float] | None = None,
         dropout: float = 0.0,
-        pretrained: Path | str | None = None,
+        pretrained: Path | str | bool | None = None,
         unfreeze_stages: int = 0,
     ) -> TransferModel:
         return TransferModel(

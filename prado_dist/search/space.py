@@ -68,13 +68,14 @@ class Scheduler(_Strict):
     """How trials are judged while they train, on completed epochs.
 
     asha: stop the worse trials at rungs grace_period * reduction_factor^k (with TPE or random search).
+    fifo: no early stopping; every trial trains all its epochs (a baseline for asha).
     pbt / pb2: population-based training; `num_samples` members train side by side, and every
     `perturbation_interval` epochs the bottom `quantile_fraction` copy a top member's checkpoint and
     go on with its settings perturbed: by PBT at random (x0.8 or x1.2, or redrawn with
     `resample_probability`), by PB2 from a Gaussian-process bandit over the params' bounds.
     """
 
-    kind: Literal["asha", "pbt", "pb2"] = "asha"
+    kind: Literal["asha", "fifo", "pbt", "pb2"] = "asha"
     grace_period: int = Field(1, ge=1)  # asha
     reduction_factor: float = Field(3.0, gt=1.0)  # asha
     perturbation_interval: int = Field(2, ge=1)  # pbt, pb2: epochs between exploit/explore steps
@@ -87,10 +88,13 @@ class Scheduler(_Strict):
 
 
 class SearcherSettings(_Strict):
-    """Optuna TPE: its first `startup_trials` trials are drawn at random (the report's configuration
-    counts as one), later ones from a model of the trials so far. Optuna's default is 10, which
-    leaves a search of 10 trials or fewer random; a small budget wants fewer."""
+    """How trials are proposed, the report's configuration first. tpe: Optuna TPE, whose first
+    `startup_trials` trials are drawn at random (the report's configuration counts as one), later ones
+    from a model of the trials so far; Optuna's default is 10, which leaves a search of 10 trials or
+    fewer random, so a small budget wants fewer. random: Tune's random sampling (a baseline for tpe).
+    A population-based scheduler draws its first population at random whatever this says."""
 
+    kind: Literal["tpe", "random"] = "tpe"
     startup_trials: int = Field(10, ge=1)
 
 

@@ -26,23 +26,17 @@ from ray.tune.experiment import Trial
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3 refuses a plain ./mlruns file store
-# A search must not stall for minutes inside MLflow's own retries when the server is gone.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
 
 class TrackingError(RuntimeError):
     """The MLflow tracking server cannot be used."""
 
 
-def tracking_uri(cli_value: str | None) -> str:
-    """--mlflow-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
-    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client and the experiment id; fails fast, naming the URI and the cause."""
+    # A search must not stall for minutes inside MLflow's own retries when the server is gone
+    # (MLflow reads these on each request; a user's own values are kept).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
         client = MlflowClient(tracking_uri=uri)  # an unsupported URI scheme already fails here
         experiment_id = _experiment_id(client, experiment)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlflow-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the space name)")
     parser.add_argument(
+        "--epoch-budget", type=int, default=None, help="stop the search once its trials have trained this many epochs"
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue the newest (or --name) search; Tune's state and the checkpoints in --storage are unpickled, "
@@ -81,6 +84,8 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
     ]:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if args.epoch_budget is not None and args.epoch_budget < 1:
+        raise SearchError(f"--epoch-budget must be at least 1 epoch, got {args.epoch_budget}")
     space = load_space(args.space, overrides)
     if args.data is not None and not args.data.exists():
         raise DataError(f"--data {args.data} does not exist")
@@ -92,6 +97,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         resume=args.resume,
         mlflow_uri=tracking_uri(args.mlflow_uri),
         experiment=args.experiment,
+        epoch_budget=args.epoch_budget,
         verbose=args.verbose,
     )
 
@@ -118,6 +124,10 @@ def print_summary(outcome: SearchOutcome, metric: str, mlflow_uri: str) -> None:
         note = " (stopped early by ASHA)" if outcome.baseline_stopped_early else ""
         gain = outcome.best_val.get(metric, 0) - outcome.baseline_val
         print(f"  report's configuration: validation {metric} {outcome.baseline_val:.4f}{note}; best is {gain:+.4f}")
+    if outcome.importances:
+        ranked = sorted(outcome.importances.items(), key=lambda item: -item[1])
+        print("  what mattered: " + ", ".join(f"{name} {value:.2f}" for name, value in ranked))
+    print(f"  ({outcome.importance_note})")
     stopped = sum(t["stopped_early"] for t in outcome.trials.values())
     failed = sum(t["status"] == "error" for t in outcome.trials.values())
     print(f"  {len(outcome.trials)} trials, {stopped} stopped early, {failed} failed")

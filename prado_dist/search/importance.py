@@ -37,7 +37,8 @@ def parameter_importances(trials: dict[str, dict[str, Any]], space: SearchSpace)
     scored = [
         trial
         for trial in trials.values()
-        if trial.get("best") is not None and all(_within(distributions[k], trial["config"].get(k)) for k in distributions)
+        if trial.get("best") is not None
+        and all(_within(distributions[k], trial["config"].get(k)) for k in distributions)
     ]
     if len(scored) < 3:
         return Importances({}, f"none: {len(scored)} trial(s) produced a score, too few to compare")

@@ -19,7 +19,7 @@ from mlflow.models import infer_signature
 from prado_dist.data import PreparedData
 from prado_dist.engine.export import classifier_from_checkpoint
 from prado_dist.engine.reporting import plot_confusion, write_confusion_csv
-from prado_dist.search.plots import parameter_axes, plot_parameter_effects, plot_trial_curves
+from prado_dist.search.plots import parameter_axes, plot_importances, plot_parameter_effects, plot_trial_curves
 from prado_dist.search.results import SearchOutcome
 from prado_dist.search.space import SearchSpace
 from prado_dist.search.storage import SearchLocation
@@ -39,12 +39,15 @@ def write_summary(outcome: SearchOutcome, data: PreparedData, location: SearchLo
     plot_parameter_effects(
         outcome.trials, parameter_axes(space), space.metric, artifacts / "parameter_effects.png", outcome.best_trial_id
     )
+    if outcome.importances:
+        plot_importances(outcome.importances, outcome.importance_note, artifacts / "parameter_importances.png")
     summary = {
         "best_trial": outcome.best_trial_id,
         "best_config": outcome.best_config,
         "best_val": outcome.best_val,
         "test": outcome.test,
         "baseline_val": outcome.baseline_val,
+        "importances": {"values": outcome.importances, "note": outcome.importance_note},
         "trials": outcome.trials,
     }
     location.summary_file.write_text(json.dumps(summary, indent=2, default=str))
@@ -58,11 +61,13 @@ def log_outcome(client, outcome: SearchOutcome, data: PreparedData, location: Se
     metrics += [Metric(k, float(v), now, 0) for k, v in outcome.test.items()]
     if outcome.baseline_val is not None:
         metrics.append(Metric(f"baseline_{space.metric}", float(outcome.baseline_val), now, 0))
+    metrics += [Metric(f"importance.{name}", value, now, 0) for name, value in outcome.importances.items()]
     params = [Param(f"best.{k}", str(v)) for k, v in outcome.best_config.items()]
     params.append(Param("best.trial_id", outcome.best_trial_id))
     run_id = outcome.parent_run_id
     try:
-        client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("best_trial_id", outcome.best_trial_id)])
+        tags = [RunTag("best_trial_id", outcome.best_trial_id), RunTag("importance_note", outcome.importance_note)]
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
         client.log_artifacts(run_id, str(location.summary_file.parent))
         log_best_model(client.tracking_uri, run_id, outcome, data)
         client.set_terminated(run_id, status="FINISHED")

@@ -36,6 +36,8 @@ class SearchOutcome:
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> {config, status, best, epochs}
     best_state: dict[str, Any] = field(default_factory=dict, repr=False)  # the best checkpoint, for the model
     confusion: torch.Tensor | None = field(default=None, repr=False)  # of the test split
+    importances: dict[str, float] = field(default_factory=dict)  # searched setting -> fANOVA importance
+    importance_note: str = ""  # what the importances rest on, or why there are none
 
 
 # --- did it end? -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ray import tune
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData
 from prado_dist.engine import load_data
+from prado_dist.search.importance import parameter_importances
 from prado_dist.search.population import record_population
 from prado_dist.search.report import log_outcome
 from prado_dist.search.results import (
@@ -168,6 +169,8 @@ def end_search(prepared: PreparedSearch, parent_id: str, tracker: SearchTracker,
             f"was tested. Continue it with: --resume --name {location.name} (and the same --storage and --set)"
         )
     outcome = summarise(results, space, prepared.data, location.local, parent_id, trials)
+    importances = parameter_importances(outcome.trials, space)
+    outcome.importances, outcome.importance_note = importances.values, importances.note
     if space.scheduler.population_based:
         best = (outcome.best_trial_id, outcome.best_state)
         record_population(prepared.client, tracker, space, location.local, best, parent_id)

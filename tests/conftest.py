@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated cache folder, a small generated dataset, local Ray clusters."""
+"""Shared fixtures: an isolated cache folder, a small generated dataset, an MLflow store, local Ray clusters."""
 
 from __future__ import annotations
 
@@ -57,6 +57,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store for the module: creating its tables costs seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
 @pytest.fixture(scope="module")

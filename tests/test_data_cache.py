@@ -1,9 +1,12 @@
-"""The decode-once cache, `prepare_data`, `PaintingsDataset` and the `inspect` command."""
+"""The decode-once cache, `prepare_data`, `PaintingsDataset` and the `inspect` command, including
+identical files, decompression bombs and a full disk while the cache is built."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
+import logging
 import multiprocessing
 import pickle
 import shutil
@@ -17,6 +20,7 @@ from PIL import Image
 
 from prado_dist.data import cache as cache_module
 from prado_dist.data.__main__ import main as cli_main
+from prado_dist.data.__main__ import main as data_main
 from prado_dist.data.cache import ImageRejected, decode_image
 from prado_dist.data.dataset import PaintingsDataset, prepare_data, split_counts
 from prado_dist.data.sources import DataError
@@ -290,3 +294,86 @@ def test_real_paintings(tmp_path: Path) -> None:
         # few levels of a full decode (mean 1.9 over every 8th painting; issue 21, item 11).
         difference = prepared.images[row].astype(int) - reference_decode(prepared.paths[row], 64)
         assert np.abs(difference).mean() < 4
+
+
+# --- data: duplicates, bombs, a full disk ------------------------------------------------------------
+
+
+def two_painters(root: Path, per_class: int = 4) -> Path:
+    for label, painter in enumerate(("bosch", "greco")):
+        for index in range(per_class):
+            noise_image(root / painter / f"{index}.png", (20 + index, 14), seed=10 * label + index)
+    return root
+
+
+def test_identical_files_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys) -> None:
+    data = two_painters(tmp_path / "data")
+    shutil.copy(data / "bosch" / "1.png", data / "greco" / "copy-of-bosch-1.png")  # one picture, two labels
+    shutil.copy(data / "greco" / "2.png", data / "greco" / "2-again.png")  # same class: a split leak
+    with caplog.at_level(logging.WARNING, logger=cache_module.__name__):
+        prepared = prepare_data(data, SIZE, cache_dir=tmp_path / "cache")
+    groups = sorted(sorted((s.path.name, prepared.classes[s.label]) for s in group) for group in prepared.duplicates)
+    assert groups == [
+        [("1.png", "bosch"), ("copy-of-bosch-1.png", "greco")],
+        [("2-again.png", "greco"), ("2.png", "greco")],
+    ]
+    warning = "\n".join(record.getMessage() for record in caplog.records)
+    assert "2 group(s) of files with identical contents (1 under different classes)" in warning
+    assert "copy-of-bosch-1.png (greco)" in warning and "[different classes]" in warning
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=cache_module.__name__):
+        again = prepare_data(data, SIZE, cache_dir=tmp_path / "cache")  # cached: listed, not warned again
+    assert len(again.duplicates) == 2 and not caplog.records
+
+    args = ["inspect", "--data", str(data), "--image-size", str(SIZE), "--cache-dir", str(tmp_path / "cache")]
+    assert data_main(args) == 0
+    output = capsys.readouterr().out
+    assert "identical contents" in output and f"{data / 'greco' / 'copy-of-bosch-1.png'} (greco)" in output
+
+    clean = two_painters(tmp_path / "clean")
+    assert prepare_data(clean, SIZE, cache_dir=tmp_path / "cache").duplicates == []
+
+
+def test_decompression_bomb_is_left_out_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = two_painters(tmp_path / "data")
+    noise_image(data / "bosch" / "huge.png", (120, 100), seed=99)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 12,000 px > 2 x limit: Pillow refuses to open it
+    prepared = prepare_data(data, SIZE, cache_dir=tmp_path / "cache")
+    assert [(path.name, "MAX_IMAGE_PIXELS (5000)" in reason) for path, reason in prepared.rejected] == [
+        ("huge.png", True)
+    ]
+    assert len(prepared.labels) == 8
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["reserve-images", "write-metadata", "cache-dir-is-a-file"])
+def test_full_disk_while_building_the_cache(where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, cache_dir = two_painters(tmp_path / "data"), tmp_path / "cache"
+    earlier = prepare_data(data, 24, cache_dir=cache_dir)  # an earlier cache in the same folder
+    earlier_pixels = np.array(earlier.images)
+    if where == "reserve-images":
+        monkeypatch.setattr(cache_module.os, "posix_fallocate", enospc)
+    elif where == "write-metadata":  # after every image was decoded and written
+        original = Path.write_text
+        monkeypatch.setattr(
+            Path, "write_text", lambda self, *a, **k: enospc() if self.name == "meta.json" else original(self, *a, **k)
+        )
+    else:
+        cache_dir = tmp_path / "file.txt"
+        cache_dir.write_text("not a folder")
+    with pytest.raises(DataError) as raised:
+        prepare_data(data, SIZE, cache_dir=cache_dir / "sub" if where == "cache-dir-is-a-file" else cache_dir)
+    message = str(raised.value)
+    assert "cannot write the decoded-image cache in" in message and "PRADO_DIST_CACHE" in message
+    if where == "cache-dir-is-a-file":
+        return
+    assert "No space left on device" in message
+    # Nothing half-written stays behind, and the earlier cache is untouched and still used.
+    assert sorted(path.name for path in cache_dir.iterdir() if not path.name.endswith(".lock")) == [earlier.fingerprint]
+    np.testing.assert_array_equal(prepare_data(data, 24, cache_dir=cache_dir).images, earlier_pixels)
+    monkeypatch.undo()
+    assert prepare_data(data, SIZE, cache_dir=cache_dir).images.shape == (8, SIZE, SIZE, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from prado_dist.engine import (
     metrics_from_counts,
     save_checkpoint,
 )
+from prado_dist.engine import checkpoint as checkpoint_module
 from prado_dist.engine.loop import weighted_cross_entropy
 from prado_dist.models import create_model, list_models
 from prado_dist.search.plots import ParameterAxis, parameter_points, plot_parameter_effects
@@ -214,3 +216,22 @@ def test_parameter_effects_draw_one_panel_per_searched_parameter(
     path = plot_parameter_effects(trials, axes, "val_balanced_accuracy", tmp_path / "effects.png", best="a")
     rows, columns = grid
     assert Image.open(path).size == (round(columns * 3.4 * 110), round(rows * 2.9 * 110))
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1, "config": "{}"})
+
+    def half_then_enospc(payload, file) -> None:
+        file.write(b"PK\x03\x04" + b"\0" * 4096)  # the start of a zip, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", half_then_enospc)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "epoch": 2, "config": "{}"})
+    assert raised.value.errno == errno.ENOSPC
+    assert str(path) in str(raised.value) and "previous one is unchanged" in str(raised.value)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temporary file left

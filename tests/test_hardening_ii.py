@@ -27,7 +27,7 @@ from prado_dist.data.sources import PRADO_AUTHORS
 from prado_dist.search import load_space
 from prado_dist.train import main as train_main
 from prado_dist.tune import main as tune_main
-from tests.test_hardening import noise_image  # the same generated painting as the first round's tests
+from tests.helpers import noise_image  # the same generated painting as the first round's tests
 
 SIZE = 16
 

@@ -96,6 +96,10 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
     parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     assert parent_metrics["test_accuracy"] == pytest.approx(outcome.test["test_accuracy"])
     assert "best.lr" in {p["key"] for p in parent["data"]["params"]}
+    # What mattered: an importance per searched setting (4 trials: said to be a hint), on the parent run.
+    assert set(outcome.importances) == set(space.params) and "read the ranking as a hint" in outcome.importance_note
+    assert {f"importance.{name}" for name in space.params} <= set(parent_metrics)
+    assert tags_of(parent)["importance_note"] == outcome.importance_note
 
     for child in children:
         tags = tags_of(child)
@@ -112,7 +116,8 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
 
     artifacts = rest(mlflow_server, "artifacts/list", run_id=outcome.parent_run_id)
     names = {entry["path"] for entry in artifacts.get("files", [])}
-    assert {"trial_curves.png", "parameter_effects.png", "test_confusion_matrix.png", "summary.json"} <= names
+    assert {"trial_curves.png", "parameter_effects.png", "parameter_importances.png", "summary.json"} <= names
+    assert "test_confusion_matrix.png" in names
     models = rest(mlflow_server, "logged-models/search", {"experiment_ids": [experiment_id]}).get("models", [])
     assert any(m["info"].get("source_run_id") == outcome.parent_run_id for m in models)
 

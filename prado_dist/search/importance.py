@@ -7,7 +7,6 @@ searcher proposed them; each trial's value is its best score, as in the paramete
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ from optuna.importance import FanovaImportanceEvaluator
 
 from prado_dist.search.space import Choice, IntUniform, LogUniform, SearchSpace
 
-logger = logging.getLogger(__name__)
 FEW_TRIALS = 10  # below this, fANOVA's forest is fitted on too few points to rank more than roughly
 
 

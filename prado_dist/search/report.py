@@ -111,3 +111,5 @@ def _checked_on_cpu() -> Iterator[None]:
     finally:
         if before is None:
             os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

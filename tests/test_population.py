@@ -42,11 +42,12 @@ def test_perturbed_values_stay_inside_the_space_and_whole() -> None:
 
 def test_exploits_are_read_once_each_and_tabled(tmp_path: Path) -> None:
     event = {"trial": "b", "epoch": 2, "copied": "a", "copied_epoch": 2, "changes": {"lr": [1e-3, 1.2e-3]}}
+    again = {**event, "copied_epoch": 3}  # copied again after its same epoch 2, the donor now further on
     later = {**event, "epoch": 3, "copied_epoch": 3}
-    lines = [json.dumps(event), json.dumps(event), "", json.dumps(later)]  # a resumed search logged one again
+    lines = [json.dumps(event), json.dumps(event), "", json.dumps(again), json.dumps(later)]  # a resume re-logs
     (tmp_path / "exploits.jsonl").write_text("\n".join(lines))
     events = read_exploits(tmp_path)
-    assert events == [event, later]
+    assert events == [event, again, later]
     table = write_lineage(events, tmp_path / "lineage.csv").read_text().splitlines()
     assert table[0] == "trial,after_epoch,copied,copied_epoch,lr_from,lr"
     assert table[1] == "b,2,a,2,0.001,0.0012"
@@ -135,7 +136,7 @@ def test_pbt_members_copy_checkpoints_and_go_on_with_perturbed_settings(pbt_sear
     assert schedule["trial"] == outcome.best_trial_id
     assert len(schedule["epochs"]) == int(outcome.best_val["epochs_completed"])
     with sqlite3.connect(folder / "mlflow.db") as db:
-        tags = db.execute("select count(*) from tags where key like 'pbt.after_epoch_%'").fetchone()[0]
+        tags = db.execute("select count(*) from tags where key like 'pbt.copy_%'").fetchone()[0]
         parent_status = db.execute("select status from runs where run_uuid = ?", (outcome.parent_run_id,)).fetchone()[0]
     assert tags == len(events) and parent_status == "FINISHED"
 

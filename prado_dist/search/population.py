@@ -118,7 +118,10 @@ def population_scheduler(space: SearchSpace, folder: Path) -> PopulationBasedTra
 
 # --- what a population-based search leaves behind --------------------------------------------------
 def read_exploits(folder: Path) -> list[dict[str, Any]]:
-    """The exploits recorded in `folder`, in order (once each: a resumed search may log one again)."""
+    """The exploits recorded in `folder`, in order (once each: a resumed search may log one again).
+
+    A member can copy twice after the same epoch of its own: Tune hands it the donor's perturbation
+    time, so the epoch after an early copy may be due again; the donor's epoch tells the two apart."""
     path = Path(folder) / EXPLOITS_FILE
     if not path.is_file():
         return []
@@ -127,7 +130,7 @@ def read_exploits(folder: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         event = json.loads(line)
-        key = (event["trial"], event["epoch"], event["copied"])
+        key = (event["trial"], event["epoch"], event["copied"], event["copied_epoch"])
         if key not in seen:
             seen.add(key)
             events.append(event)
@@ -196,10 +199,13 @@ def record_population(
     (artifacts / "schedule.json").write_text(json.dumps(schedule, indent=2))
     plot_schedule(schedule, artifacts / "schedule.png")
     try:
+        copies: dict[str, int] = {}
         for event in events:
+            copies[event["trial"]] = number = copies.get(event["trial"], 0) + 1
             run_id = tracker.child_run_of(event["trial"])
             if run_id is not None:
-                client.set_tag(run_id, f"pbt.after_epoch_{event['epoch']:03d}", describe_exploit(event)[:5000])
+                text = f"after epoch {event['epoch']}: {describe_exploit(event)}"
+                client.set_tag(run_id, f"pbt.copy_{number:02d}", text[:5000])
         client.set_tag(parent_run_id, "pbt.exploits", str(len(events)))
     except Exception as err:  # the files above hold the same record
         logger.warning("could not tag the exploits in MLflow (%s); they are in %s", err, artifacts / "lineage.csv")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import optuna
 import pytest
 from ray import tune
@@ -74,7 +76,7 @@ def test_first_point_is_the_baseline() -> None:
 
 
 def test_epoch_budget_counts_each_trained_epoch_once() -> None:
-    from prado_dist.search.tuner import EpochBudget
+    from prado_dist.search.tuner import EndsOfBudget, EpochBudget
 
     budget = EpochBudget(5)
     for epoch in (1, 2, 3):
@@ -84,8 +86,12 @@ def test_epoch_budget_counts_each_trained_epoch_once() -> None:
     budget("a", {"epochs_completed": 3, "done": True})
     budget("b", {"epochs_completed": 1})
     assert budget.spent == 4 and not budget.stop_all()
-    budget("b", {"epochs_completed": 2})
-    assert budget.spent == 5 and budget.stop_all()
+    # The epoch that spends the budget stops its trial alone; the search stops when that trial has
+    # ended (its last checkpoint registered by Tune), told by the EndsOfBudget callback.
+    assert budget("b", {"epochs_completed": 2}) is True
+    assert budget.spent == 5 and not budget.stop_all()
+    EndsOfBudget().on_trial_complete(0, [], trial=SimpleNamespace(trial_id="b"))
+    assert budget.stop_all()
 
 
 def test_tpe_models_after_the_spaces_startup_trials(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -131,6 +131,7 @@ def trial_summary(result, space: SearchSpace) -> dict[str, Any]:
         "timestamps": [float(row.get("timestamp", 0)) for row in rows],
         "first_report_s": float(rows[0]["time_total_s"]) if rows and "time_total_s" in rows[0] else None,
         "first_epoch_s": float(rows[0]["epoch_seconds"]) if rows else None,
+        "images_per_second": [float(row["images_per_second"]) for row in rows if "images_per_second" in row],
         "devices": str(rows[-1].get("devices", "")) if rows else "",  # each worker's, e.g. "cuda:0"
     }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mlflow.entities import Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
 from prado_dist.config import TrainConfig
@@ -129,6 +130,8 @@ def open_parent_run(prepared: PreparedSearch) -> str:
         client.update_run(state["parent_run_id"], status="RUNNING")
         return state["parent_run_id"]
     tags = {**prepared.tags, "storage": location.uri}
+    if settings.parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = settings.parent_run_id
     run = client.create_run(prepared.experiment_id, run_name=location.name, tags=tags)
     space = settings.space
     params = {

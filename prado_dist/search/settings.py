@@ -27,6 +27,7 @@ class SearchSettings:
     resume: bool = False
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # default: the space name
+    parent_run_id: str | None = None  # an MLflow run to nest the search's parent run under (a comparison)
     trial_failures: int = 2  # each trial restarts from its checkpoint up to this many times
     epoch_budget: int | None = None  # stop the search once its trials have trained this many epochs
     verbose: bool = False  # Tune's tables and result boxes, and the libraries' INFO logs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 from ray import tune
@@ -100,6 +100,7 @@ def run_config(settings: SearchSettings, location: SearchLocation, tracker: Sear
             *([PlacementGroupReleaser()] if space.trial.uses_ray_train else []),
             TrialLines(space.metric, space.mode, space.epochs),
             TrialStates(space.num_samples),  # whether the search ran to its end (Ctrl-C)
+            *([EndsOfBudget()] if settings.epoch_budget else []),
             tracker,
             *settings.callbacks,
         ],
@@ -163,11 +164,21 @@ def searcher_description(space: SearchSpace) -> str:
 
 
 class EpochBudget(tune.Stopper):
-    """Stop the whole search once its trials have trained `budget` epochs in total."""
+    """Stop the whole search once its trials have trained `budget` epochs in total.
+
+    The trial whose epoch spends the budget (and any that reports before the search stops) is
+    stopped alone first: Tune registers an epoch's checkpoint only after the result, on a later
+    step, and stopping every trial at once dropped that last checkpoint (a comparison's best epoch
+    was lost, tests/test_compare.py). The search stops when those trials have ended (`EndsOfBudget`).
+    On the class, like TrialStates, because a resumed search runs the callbacks Tune pickled.
+    """
+
+    ending: ClassVar[set[str]] = set()  # trials stopped by the budget that have not ended yet
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.epochs: set[tuple[str, int]] = set()
+        EpochBudget.ending = set()
 
     @property
     def spent(self) -> int:
@@ -177,7 +188,20 @@ class EpochBudget(tune.Stopper):
         # Counted by (trial, epoch), not by call: a trial function that returns normally (no early
         # stopping) gets its last result reported a second time, and a restored trial repeats it too.
         self.epochs.add((trial_id, int(result.get(EPOCHS_COMPLETED, result.get("training_iteration", 0)))))
-        return False
+        if self.spent < self.budget:
+            return False
+        EpochBudget.ending.add(trial_id)
+        return True
 
     def stop_all(self) -> bool:
-        return self.spent >= self.budget
+        return self.spent >= self.budget and not EpochBudget.ending
+
+
+class EndsOfBudget(tune.Callback):
+    """Tells EpochBudget when a trial it stopped has ended, its last checkpoint registered."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        EpochBudget.ending.discard(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        EpochBudget.ending.discard(trial.trial_id)

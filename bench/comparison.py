@@ -49,6 +49,8 @@ def main() -> int:
         code = compare.main(argv)
         wall_s = time.monotonic() - started
         out = Path(folder) / "runs" / "bench"
+        if not (out / "comparison.json").is_file():
+            return code  # refused before it started: compare printed why
         state = json.loads((out / "comparison.json").read_text())
         for suffix in ("md", "png"):
             if (out / f"leaderboard.{suffix}").is_file():

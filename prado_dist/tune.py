@@ -87,6 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
     if args.epoch_budget is not None and args.epoch_budget < 1:
         raise SearchError(f"--epoch-budget must be at least 1 epoch, got {args.epoch_budget}")
     space = load_space(args.space, overrides)
+    check_search(space)  # what would fail inside every trial: before the demo set is built or any decode
     if args.data is not None and not args.data.exists():
         raise DataError(f"--data {args.data} does not exist")
     return SearchSettings(
@@ -143,7 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries(args.verbose)
     try:
         settings = settings_from_args(args)
-        check_search(settings.space)  # what would fail inside every trial: before any decode
         prepared = prepare_search(settings)  # data, storage and MLflow are checked before Ray starts
         connect(args.address, num_cpus=args.num_cpus)
         outcome = run_prepared(prepared)

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from prado_dist.data import cache as cache_module
+from prado_dist.search import check_search, known_spaces, load_space
 from prado_dist.train import main as train_main
 from tests.conftest import free_port
 from tests.helpers import noise_image, run_tune, search_args
@@ -36,10 +37,12 @@ from tests.helpers import noise_image, run_tune, search_args
         (["--space", "demo", "--gpus-per-worker", "-1"], ["trial.gpus_per_worker", "greater than or equal to 0"]),
         (["--space", "demo", "--num-samples", "0"], ["num_samples", "greater than or equal to 1"]),
         (["--space", "demo", "--max-concurrent", "0"], ["max_concurrent", "greater than or equal to 1"]),
+        (["--space", "vgg19", "--set", "pretrained=package"], ["no package ships weights of vgg19", "lite0"]),
     ],
     ids=[
         "unknown-space", "unknown-model", "epochs-0", "batch-negative", "lr-not-a-number", "unknown-key",
         "set-without-value", "workers-0", "cpus-0", "gpus-negative", "num-samples-0", "max-concurrent-0",
+        "package-without-weights",
     ],
 )  # fmt: skip
 def test_bad_search_settings_exit_2_before_ray(
@@ -52,6 +55,12 @@ def test_bad_search_settings_exit_2_before_ray(
     # The whole space dict used to follow a whole-space check's message ("(got {'model': ...})").
     assert "(got {" not in err and "Value error" not in err
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("name", known_spaces())
+def test_every_shipped_space_passes_the_drivers_checks(name: str) -> None:
+    # lite0's pretrained=package was refused as a missing file until the check knew packaged weights.
+    check_search(load_space(name))
 
 
 def kaggle_csv(root: Path, header: str, line: str) -> Path:

@@ -181,3 +181,20 @@ def test_records_a_killed_driver_never_wrote_are_repaired_from_tune_results(tmp_
     assert children["t1"].info.status == "FINISHED" and children["t1"].data.tags["stopped_early"] == "false"
     assert children["t2"].info.status == "FAILED" and "became nan" in children["t2"].data.tags["error"]
     assert children["t2"].data.tags["epochs_completed"] == "1"
+
+
+def test_the_search_data_is_an_mlflow_dataset_input_with_its_class_counts(small_demo: Path, tmp_path: Path) -> None:
+    from prado_dist.data import prepare_data, split_counts
+    from prado_dist.search.tracking import dataset_input
+
+    data = prepare_data(small_demo, 32, cache_dir=tmp_path / "cache")
+    client, experiment_id = connect(f"sqlite:///{tmp_path}/m.db", "inputs")
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_inputs(run_id, [dataset_input(data, small_demo)])
+    (logged,) = client.get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.digest == data.fingerprint[:16] and logged.dataset.name == small_demo.name
+    assert json.loads(logged.dataset.source)["uri"] == str(small_demo.resolve())
+    profile = json.loads(logged.dataset.profile)
+    assert profile["num_images"] == len(data.labels) == sum(sum(counts) for counts in split_counts(data).values())
+    assert profile["test_per_class"] == split_counts(data)["test"]
+    assert [(tag.key, tag.value) for tag in logged.tags] == [("mlflow.data.context", "train/validation/test")]

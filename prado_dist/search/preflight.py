@@ -14,7 +14,8 @@ from pathlib import Path
 
 from prado_dist.config import ConfigError, TrainConfig
 from prado_dist.distributed import check_global_batch
-from prado_dist.models.transfer import HF_CACHE
+from prado_dist.models.lite0_weights import package_weight_file
+from prado_dist.models.transfer import HF_CACHE, OFFLINE_BACKBONES, PACKAGE
 from prado_dist.search.space import Choice, IntUniform, SearchSpace
 
 
@@ -45,8 +46,20 @@ def check_batches(space: SearchSpace) -> None:
 
 
 def check_pretrained(config: TrainConfig) -> None:
-    """A `pretrained` weight file must exist here (the driver); nothing is downloaded."""
+    """A `pretrained` weight file must exist here (the driver), or the package that ships the weights
+    be installed; nothing is downloaded."""
     if config.pretrained is None or str(config.pretrained) == HF_CACHE:
+        return
+    if str(config.pretrained) == PACKAGE:  # weights an installed package ships: that it is installed
+        if config.model not in OFFLINE_BACKBONES:
+            raise ConfigError(
+                f"pretrained={PACKAGE}: no package ships weights of {config.model}; it is there for "
+                f"{', '.join(sorted(OFFLINE_BACKBONES))}. Pass a weight file as pretrained=PATH (docs/transfer.md)"
+            )
+        try:
+            package_weight_file()
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
         return
     path = Path(config.pretrained).expanduser()
     if not path.is_file():

@@ -42,7 +42,7 @@ from prado_dist.search.storage import (
     read_state,
     write_state,
 )
-from prado_dist.search.tracking import SearchTracker, connect, git_commit
+from prado_dist.search.tracking import SearchTracker, connect, dataset_input, git_commit
 from prado_dist.search.tuner import build_tuner, make_trainable, searcher_description
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def open_parent_run(prepared: PreparedSearch) -> str:
     }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_dict(run.info.run_id, space.model_dump(mode="json"), "search_space.json")
+    client.log_inputs(run.info.run_id, [dataset_input(prepared.data, settings.data_dir)])
     write_state(location, run.info.run_id, prepared.experiment_id, settings)
     return run.info.run_id
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray import tune
 from ray.tune.experiment import Trial
+
+from prado_dist.data import PreparedData, split_counts
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,27 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def dataset_input(data: PreparedData, data_dir: Path | None) -> DatasetInput:
+    """The search's data as an MLflow dataset input: the runs table's Dataset column shows it, and its
+    profile holds the images per painter in each split. The digest is the decode cache's fingerprint."""
+    source = str(Path(data_dir).resolve()) if data_dir else "generated demo paintings"
+    counts = split_counts(data)
+    profile = {
+        "num_images": int(len(data.labels)),
+        "image_size": data.image_size,
+        "classes": list(data.classes),
+        **{f"{split}_per_class": counts[split] for split in counts},
+    }
+    dataset = Dataset(
+        name=Path(data_dir).name if data_dir else "demo",
+        digest=data.fingerprint[:16],
+        source_type="local",
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train/validation/test")])
 
 
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:

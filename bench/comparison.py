@@ -33,7 +33,7 @@ SHARED_PAINTINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spaces", nargs="+", default=["vgg", "resnet29", "mobilenet", "lite0"])
-    parser.add_argument("--budget-epochs", type=int, default=24)
+    parser.add_argument("--budget-epochs", type=int, default=18)
     parser.add_argument("--data", type=Path, default=SHARED_PAINTINGS)
     parser.add_argument("--tag", default="quick", help="names the kept table and plot")
     args, more = parser.parse_known_args()

@@ -20,12 +20,13 @@ from prado_dist.data.demo import announce_data
 from prado_dist.distributed import ResourceError, connect
 from prado_dist.search import SearchError, SearchInterrupted, TrackingError, parse_set, tracking_uri
 from prado_dist.search.console import quiet_libraries
+from prado_dist.search.tracking import how_to_open
 
 # A comparison that fits a 2-core machine in minutes (bench/README.md has its timings): small images,
 # few epochs, one CPU per trial. Applied before --set, which overrides any of it.
 PROFILES: dict[str, dict[str, object]] = {
     "quick": {
-        "image_size": 64,
+        "image_size": 48,  # the VGG-like net at 64 px: 60 s an epoch on one core of paintings-dev
         "epochs": 6,
         "batch_size": 32,
         "num_samples": 8,
@@ -101,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print((comparison.folder / "leaderboard.md").read_text())
     for space, reason in comparison.failed.items():
         print(f"{space}: its search failed ({reason}); --resume --name {comparison.name} tries it again")
-    print(f"Files: {comparison.folder}; MLflow parent run {comparison.parent_run_id} ({settings.mlflow_uri})")
+    print(f"Files: {comparison.folder}; MLflow parent run {comparison.parent_run_id}")
+    print(f"  {how_to_open(settings.mlflow_uri, comparison.experiment_id)}")
     return 1 if comparison.failed else 0
 
 

@@ -33,6 +33,7 @@ from prado_dist.search import (
     tracking_uri,
 )
 from prado_dist.search.console import quiet_libraries
+from prado_dist.search.tracking import how_to_open
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the space name)")
     parser.add_argument(
         "--epoch-budget", type=int, default=None, help="stop the search once its trials have trained this many epochs"
+    )
+    parser.add_argument(
+        "--register-model", default=None, metavar="NAME", help="register the best model in MLflow's Model Registry"
     )
     parser.add_argument(
         "--resume",
@@ -99,15 +103,9 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         mlflow_uri=tracking_uri(args.mlflow_uri),
         experiment=args.experiment,
         epoch_budget=args.epoch_budget,
+        register_model=args.register_model,
         verbose=args.verbose,
     )
-
-
-def how_to_open(mlflow_uri: str) -> str:
-    """Where a person looks at the recorded runs: the server's page, or `mlflow ui` on the store."""
-    if mlflow_uri.startswith(("http://", "https://")):
-        return f"open {mlflow_uri} in a browser"
-    return f"open with: mlflow ui --backend-store-uri {mlflow_uri}"
 
 
 def print_summary(outcome: SearchOutcome, metric: str, mlflow_uri: str) -> None:
@@ -132,7 +130,8 @@ def print_summary(outcome: SearchOutcome, metric: str, mlflow_uri: str) -> None:
     stopped = sum(t["stopped_early"] for t in outcome.trials.values())
     failed = sum(t["status"] == "error" for t in outcome.trials.values())
     print(f"  {len(outcome.trials)} trials, {stopped} stopped early, {failed} failed")
-    print(f"Results: {outcome.path}/summary; MLflow parent run {outcome.parent_run_id} ({how_to_open(mlflow_uri)})")
+    print(f"Results: {outcome.path}/summary; MLflow parent run {outcome.parent_run_id}")
+    print(f"  {how_to_open(mlflow_uri, outcome.experiment_id)}")
     schedule = Path(outcome.path) / "summary" / "schedule.json"
     if schedule.is_file():  # a population-based search: the best trial's settings changed as it trained
         print(f"Its settings epoch by epoch: {schedule} (replay: python -m prado_dist.train --schedule {schedule})")

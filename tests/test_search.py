@@ -54,8 +54,9 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
 ) -> None:
     space = load_space("demo", DEMO_OVERRIDES)
     settings = SearchSettings(
-        space=space, data_dir=small_demo, storage=str(tmp_path / "runs"), mlflow_uri=mlflow_server, experiment="e2e"
-    )
+        space=space, data_dir=small_demo, storage=str(tmp_path / "runs"), mlflow_uri=mlflow_server, experiment="e2e",
+        register_model="prado-demo",
+    )  # fmt: skip
     with local_ray(num_cpus=2):  # the laptop case that used to deadlock
         outcome = run_search(settings)
         leftovers = leftover_resources()
@@ -100,6 +101,12 @@ def test_search_on_two_cpus_records_everything_in_mlflow(
     assert set(outcome.importances) == set(space.params) and "read the ranking as a hint" in outcome.importance_note
     assert {f"importance.{name}" for name in space.params} <= set(parent_metrics)
     assert tags_of(parent)["importance_note"] == outcome.importance_note
+    # The data as the runs table's Dataset column shows it; the best model as a registered version.
+    (dataset,) = [item["dataset"] for item in parent["inputs"]["dataset_inputs"]]
+    assert dataset["digest"] == tags_of(parent)["dataset_fingerprint"][:16] and dataset["name"] == small_demo.name
+    (version,) = rest(mlflow_server, "model-versions/search", filter="name='prado-demo'")["model_versions"]
+    assert version["run_id"] == outcome.parent_run_id
+    assert {tag["key"]: tag["value"] for tag in version["tags"]}["best_trial_id"] == outcome.best_trial_id
 
     for child in children:
         tags = tags_of(child)
@@ -195,12 +202,16 @@ def test_search_stopped_by_its_epoch_budget_leaves_nothing_for_the_next(small_de
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
-        ("sqlite:////data/searches.db", "open with: mlflow ui --backend-store-uri sqlite:////data/searches.db"),
-        ("http://10.0.0.5:5000", "open http://10.0.0.5:5000 in a browser"),
+        (
+            "sqlite:////data/searches.db",
+            "open with: mlflow ui --backend-store-uri sqlite:////data/searches.db, "
+            "then http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning",
+        ),
+        ("http://10.0.0.5:5000", "open http://10.0.0.5:5000/#/experiments/7?workflowType=machine_learning"),
     ],
 )
 def test_summary_says_how_to_open_the_store_it_wrote_to(uri: str, expected: str) -> None:
-    assert how_to_open(uri) == expected
+    assert how_to_open(uri, "7") == expected
 
 
 def tune_command(storage: Path, db: Path, *extra: str) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_DEFAULT_PREDICTION_DEVICE
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
 
 from prado_dist.data import PreparedData
 from prado_dist.engine.export import classifier_from_checkpoint
@@ -53,8 +54,16 @@ def write_summary(outcome: SearchOutcome, data: PreparedData, location: SearchLo
     location.summary_file.write_text(json.dumps(summary, indent=2, default=str))
 
 
-def log_outcome(client, outcome: SearchOutcome, data: PreparedData, location: SearchLocation, space: SearchSpace):
-    """The summary, then on the parent run: best config and metrics, test metrics, files, the model."""
+def log_outcome(
+    client,
+    outcome: SearchOutcome,
+    data: PreparedData,
+    location: SearchLocation,
+    space: SearchSpace,
+    register_as: str | None = None,
+) -> None:
+    """The summary, then on the parent run: best config and metrics, test metrics, files, the model
+    (registered in the Model Registry as a new version of `register_as`, when given)."""
     write_summary(outcome, data, location, space)
     now = int(time.time() * 1000)
     metrics = [Metric(f"best_{k}", v, now, 0) for k, v in outcome.best_val.items()]
@@ -69,7 +78,9 @@ def log_outcome(client, outcome: SearchOutcome, data: PreparedData, location: Se
         tags = [RunTag("best_trial_id", outcome.best_trial_id), RunTag("importance_note", outcome.importance_note)]
         client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
         client.log_artifacts(run_id, str(location.summary_file.parent))
-        log_best_model(client.tracking_uri, run_id, outcome, data)
+        model = log_best_model(client.tracking_uri, run_id, outcome, data)
+        if register_as:
+            register_best_model(model.model_uri, register_as, outcome, location)
         client.set_terminated(run_id, status="FINISHED")
     except Exception as err:
         logger.warning(
@@ -77,7 +88,7 @@ def log_outcome(client, outcome: SearchOutcome, data: PreparedData, location: Se
         )
 
 
-def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: PreparedData) -> None:
+def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: PreparedData) -> ModelInfo:
     """The best checkpoint as an MLflow PyTorch model with an input signature (see predict.py)."""
     classifier = classifier_from_checkpoint(outcome.best_state, data)
     # MLflow 3 saves the model with torch.export ("pt2"), which fixes a dimension of size 1: an example
@@ -86,7 +97,7 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
     signature = infer_signature(example.numpy(), classifier(example).numpy())
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id), _checked_on_cpu():
-        mlflow.pytorch.log_model(
+        return mlflow.pytorch.log_model(
             classifier,
             name="model",
             signature=signature,
@@ -96,6 +107,21 @@ def log_best_model(uri: str, run_id: str, outcome: SearchOutcome, data: Prepared
             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
             metadata={"classes": list(data.classes), "image_size": classifier.image_size},
         )
+
+
+def register_best_model(model_uri: str, name: str, outcome: SearchOutcome, location: SearchLocation) -> None:
+    """A new version of registered model `name`: the search's best model, tagged with where it came from."""
+    version = mlflow.register_model(
+        model_uri,
+        name,
+        tags={
+            "search": location.name,
+            "search_parent_run_id": outcome.parent_run_id,
+            "best_trial_id": outcome.best_trial_id,
+            **{key: f"{outcome.test[key]:.4f}" for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")},
+        },
+    )
+    print(f"Registered the best model as {name!r} version {version.version}", flush=True)
 
 
 @contextlib.contextmanager

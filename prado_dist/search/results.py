@@ -38,6 +38,7 @@ class SearchOutcome:
     confusion: torch.Tensor | None = field(default=None, repr=False)  # of the test split
     importances: dict[str, float] = field(default_factory=dict)  # searched setting -> fANOVA importance
     importance_note: str = ""  # what the importances rest on, or why there are none
+    experiment_id: str = ""  # the MLflow experiment of the parent run
 
 
 # --- did it end? -----------------------------------------------------------------------------------

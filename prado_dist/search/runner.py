@@ -173,12 +173,13 @@ def end_search(prepared: PreparedSearch, parent_id: str, tracker: SearchTracker,
             f"was tested. Continue it with: --resume --name {location.name} (and the same --storage and --set)"
         )
     outcome = summarise(results, space, prepared.data, location.local, parent_id, trials)
+    outcome.experiment_id = prepared.experiment_id
     importances = parameter_importances(outcome.trials, space)
     outcome.importances, outcome.importance_note = importances.values, importances.note
     if space.scheduler.population_based:
         best = (outcome.best_trial_id, outcome.best_state)
         record_population(prepared.client, tracker, space, location.local, best, parent_id)
-    log_outcome(prepared.client, outcome, prepared.data, location, space)
+    log_outcome(prepared.client, outcome, prepared.data, location, space, settings.register_model)
     return outcome
 
 
@@ -194,4 +195,6 @@ def finished_outcome(settings: SearchSettings) -> SearchOutcome:
     # Restored only to read its results: get_results() without fit() runs no trial.
     tuner = tune.Tuner.restore(location.uri, make_trainable(settings.space, location, base_config))
     data = load_data(base_config)
-    return summarise(tuner.get_results(), settings.space, data, location.local, state["parent_run_id"])
+    outcome = summarise(tuner.get_results(), settings.space, data, location.local, state["parent_run_id"])
+    outcome.experiment_id = state["experiment_id"]
+    return outcome

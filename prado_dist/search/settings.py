@@ -27,6 +27,7 @@ class SearchSettings:
     resume: bool = False
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # default: the space name
+    register_model: str | None = None  # a Model Registry name: the best model becomes a new version of it
     parent_run_id: str | None = None  # an MLflow run to nest the search's parent run under (a comparison)
     trial_failures: int = 2  # each trial restarts from its checkpoint up to this many times
     epoch_budget: int | None = None  # stop the search once its trials have trained this many epochs

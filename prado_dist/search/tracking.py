@@ -90,6 +90,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
+def experiment_page(server: str, experiment_id: str) -> str:
+    """The UI page of an experiment's training runs. MLflow 3.17's UI opens every experiment in its
+    GenAI workspace (traces, "Traces 0"), whatever its experimentKind tag says; `workflowType` opens
+    the runs table instead (checked in a headless browser: bench/mlflow_page.py, its screenshot)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def how_to_open(mlflow_uri: str, experiment_id: str) -> str:
+    """Where a person looks at the recorded runs: the experiment's page on the server, or `mlflow ui`
+    on the store and then that page."""
+    if mlflow_uri.startswith(("http://", "https://")):
+        return f"open {experiment_page(mlflow_uri, experiment_id)}"
+    return f"open with: mlflow ui --backend-store-uri {mlflow_uri}, then {experiment_page(LOCAL_UI, experiment_id)}"
+
+
 def dataset_input(data: PreparedData, data_dir: Path | None) -> DatasetInput:
     """The search's data as an MLflow dataset input: the runs table's Dataset column shows it, and its
     profile holds the images per painter in each split. The digest is the decode cache's fingerprint."""

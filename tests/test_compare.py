@@ -128,6 +128,7 @@ def test_a_comparison_tables_each_search_under_one_parent_and_resumes_without_tr
         again["best_val"] == rows["resnet29"]["best_val"]
         and again["test_accuracy"] == rows["resnet29"]["test_accuracy"]
     )
+    assert again["wall_s"] == pytest.approx(rows["resnet29"]["wall_s"], abs=1.0)  # the search's, not the re-read's
     runs_after = runs_of(tmp_path / "mlflow.db")
     assert sorted(n for n, r in runs_after.items() if r["parent"] == runs["cmp-resnet29"]["id"]) == trials
     assert len(runs_after) == len(runs) and runs_after["cmp"]["status"] == "FINISHED"

@@ -95,3 +95,18 @@ def test_experiment_created_by_another_search_meanwhile_is_used(mlflow_uri: str,
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", racing_lookup)
     client, experiment_id = connect(mlflow_uri, "raced")
     assert client.get_experiment(experiment_id).name == "raced" and len(lookups) == 2
+
+
+def test_a_relative_sqlite_store_from_another_folder_is_another_store(tmp_path: Path, monkeypatch) -> None:
+    from prado_dist.search.storage import search_identity
+
+    space = load_space("demo")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    started = search_identity(SearchSettings(space=space, data_dir=None, mlflow_uri="sqlite:///mlflow.db"))
+    assert started["mlflow_uri"] == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path / "b")
+    elsewhere = search_identity(SearchSettings(space=space, data_dir=None, mlflow_uri="sqlite:///mlflow.db"))
+    same = search_identity(SearchSettings(space=space, data_dir=None, mlflow_uri=f"sqlite:///{tmp_path}/a/mlflow.db"))
+    assert elsewhere["mlflow_uri"] != started["mlflow_uri"] and same["mlflow_uri"] == started["mlflow_uri"]

@@ -13,8 +13,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 
+from prado_dist.search import tracking as tracking_module
 from prado_dist.search.tracking import EndedTrial, SearchTracker, connect
 
 
@@ -25,7 +28,9 @@ class FlakyClient:
         self.client = client
         self.down = False
         self.failing: set[str] = set()
+        self.refusing: set[str] = set()  # methods MLflow answers with a permanent refusal
         self.calls: list[tuple[str, tuple, dict]] = []  # the calls that went through, in order
+        self.attempts = 0
 
     def __getattr__(self, name: str):
         method = getattr(self.client, name)
@@ -33,6 +38,9 @@ class FlakyClient:
             return method
 
         def call(*args, **kwargs):
+            self.attempts += 1
+            if name in self.refusing:
+                raise MlflowException(f"refused ({name})", error_code=INVALID_PARAMETER_VALUE)
             if self.down or name in self.failing:
                 raise ConnectionError(f"connection refused ({name})")
             result = method(*args, **kwargs)
@@ -181,6 +189,51 @@ def test_records_a_killed_driver_never_wrote_are_repaired_from_tune_results(tmp_
     assert children["t1"].info.status == "FINISHED" and children["t1"].data.tags["stopped_early"] == "false"
     assert children["t2"].info.status == "FAILED" and "became nan" in children["t2"].data.tags["error"]
     assert children["t2"].data.tags["epochs_completed"] == "1"
+
+
+def test_a_permanent_refusal_is_named_and_skipped_without_holding_back_later_records(
+    tmp_path: Path, mlflow_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker, flaky, client, _ = flaky_tracker(tmp_path, mlflow_uri, "refusal")
+    tracker.on_trial_start(0, [], trial("t1"))
+    flaky.refusing = {"log_batch"}  # e.g. a param value MLflow will never accept
+    with caplog.at_level(logging.WARNING, logger="prado_dist.search.tracking"):
+        tracker.on_trial_result(1, [], trial("t1"), result(1))
+    flaky.refusing = set()
+    tracker.on_trial_result(2, [], trial("t1"), result(2))
+    tracker.on_trial_complete(3, [], trial("t1"))
+    assert tracker.records.pending == [] and tracker.records.close() == []
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "epoch 1 metrics of trial t1" in refusals[0]
+    listed = [json.loads(line) for line in (tmp_path / "mlflow_pending.jsonl").read_text().splitlines()]
+    assert [entry["record"] for entry in listed] == ["epoch 1 metrics of trial t1"] and "refused" in listed[0]
+    run_id = tracker.child_runs["t1"]
+    assert [m.step for m in client.get_metric_history(run_id, "val_balanced_accuracy")] == [2]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_hung_server_is_not_asked_again_at_every_event_and_the_queue_is_bounded(
+    tmp_path: Path, mlflow_uri: str, monkeypatch
+) -> None:
+    tracker, flaky, _, _ = flaky_tracker(tmp_path, mlflow_uri, "hung")
+    monkeypatch.setattr(tracking_module, "SLOW_FAILURE_S", 0.0)  # every failure counts as a hung server's
+    monkeypatch.setattr(tracking_module, "MAX_PENDING", 3)
+    tracker.on_trial_start(0, [], trial("t1"))
+    flaky.down = True
+    tracker.on_trial_result(1, [], trial("t1"), result(1))  # tried once: hung
+    tried = flaky.attempts
+    for epoch in range(2, 6):
+        tracker.on_trial_result(epoch, [], trial("t1"), result(epoch))
+    assert flaky.attempts == tried  # no new try within RETRY_AFTER_SLOW_S
+    assert [description for description, _ in tracker.records.pending] == [
+        f"epoch {epoch} metrics of trial t1" for epoch in (1, 2, 3)
+    ]  # at most MAX_PENDING kept; the later ones listed at once
+    listed = [json.loads(line)["record"] for line in (tmp_path / "mlflow_pending.jsonl").read_text().splitlines()]
+    assert listed == ["epoch 4 metrics of trial t1", "epoch 5 metrics of trial t1"]
+    flaky.down = False
+    tracker.records._retry_at = 0.0  # the wait is over
+    tracker.on_trial_complete(6, [], trial("t1"))
+    assert tracker.records.pending == [] and flaky.attempts > tried
 
 
 def test_the_search_data_is_an_mlflow_dataset_input_with_its_class_counts(small_demo: Path, tmp_path: Path) -> None:

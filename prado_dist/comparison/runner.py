@@ -26,7 +26,7 @@ from prado_dist.config import DEFAULT_TRACKING_URI
 from prado_dist.engine import load_data
 from prado_dist.search import SearchError, SearchInterrupted, SearchSettings, SearchSpace, check_search, load_space
 from prado_dist.search.runner import finished_outcome, prepare_search, run_prepared
-from prado_dist.search.storage import claim_new_folder, locate
+from prado_dist.search.storage import claim_new_folder, comparable_uri, locate
 from prado_dist.search.tracking import connect
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Comparison:
     experiment_id: str = ""
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # space name -> leaderboard row
     failed: dict[str, str] = field(default_factory=dict)  # space name -> why its search failed
+    started: dict[str, float] = field(default_factory=dict)  # space name -> when its search began (epoch s)
 
     @property
     def name(self) -> str:
@@ -95,6 +96,7 @@ def open_comparison(settings: ComparisonSettings) -> Comparison:
         check_same_comparison(state["identity"], comparison_identity(settings))
         comparison.parent_run_id, comparison.experiment_id = state["parent_run_id"], state["experiment_id"]
         comparison.rows, comparison.failed = state["rows"], state.get("failed", {})
+        comparison.started = state.get("started", {})
     return comparison
 
 
@@ -127,7 +129,7 @@ def comparison_identity(settings: ComparisonSettings) -> dict[str, Any]:
         "overrides": {key: settings.overrides[key] for key in sorted(settings.overrides)},
         "epoch_budget": settings.epoch_budget,
         "data": str(Path(settings.data_dir).resolve()) if settings.data_dir else "demo",
-        "mlflow_uri": settings.mlflow_uri,
+        "mlflow_uri": comparable_uri(settings.mlflow_uri),
         "experiment": settings.experiment,
     }
 
@@ -149,6 +151,7 @@ def save_state(comparison: Comparison) -> None:
         "identity": comparison_identity(comparison.settings),
         "rows": comparison.rows,
         "failed": comparison.failed,
+        "started": comparison.started,
     }
     temporary = comparison.folder / f".{STATE_FILE}.tmp"
     temporary.write_text(json.dumps(state, indent=1))
@@ -218,10 +221,14 @@ def search_settings(comparison: Comparison, space: SearchSpace) -> SearchSetting
 
 
 def search_row(comparison: Comparison, space: SearchSpace) -> dict[str, Any]:
-    """Search `space` (new, resumed, or read back when it had ended) and make its leaderboard row."""
+    """Search `space` (new, resumed, or read back when it had ended) and make its leaderboard row.
+
+    Its wall time runs from its first start to the end of its summary: an interrupted and resumed
+    search counts the pause too (the row cannot know how long the machine stood still)."""
     settings = search_settings(comparison, space)
     location = locate(replace(settings, resume=True))  # where it is, or would be
-    started = time.monotonic()
+    started = comparison.started.setdefault(space.name, time.time())
+    save_state(comparison)  # a comparison killed from here on still knows when this search began
     if location.summary_file.is_file():  # it ended before the comparison wrote its row
         outcome = finished_outcome(settings)
         data = load_data(space.base_config(data_dir=settings.data_dir))
@@ -229,7 +236,8 @@ def search_row(comparison: Comparison, space: SearchSpace) -> dict[str, Any]:
         settings.resume = tune.Tuner.can_restore(location.uri)
         prepared = prepare_search(settings)
         outcome, data = run_prepared(prepared), prepared.data
-    row = leaderboard_row(space, location.name, outcome, data, time.monotonic() - started)
+    ended = location.summary_file.stat().st_mtime
+    row = leaderboard_row(space, location.name, outcome, data, ended - started)
     print(
         f"{space.name}: tuned validation {space.metric} {row['best_val']:.4f}, test balanced accuracy "
         f"{row['test_balanced_accuracy']:.4f} [{row['test_balanced_accuracy_low']:.3f}, "

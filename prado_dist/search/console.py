@@ -5,6 +5,7 @@ status line every 30 s, and none of Ray's, Optuna's or MLflow's internal noise u
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections import Counter
@@ -41,6 +42,9 @@ def quiet_libraries(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:  # PB2's Gaussian-process fits warn about kernel bounds at most of its steps
         warnings.filterwarnings("ignore", module="sklearn")
+        # Tune's newer console prints its configuration box, the results folder and a TensorBoard
+        # command even at verbose=0; its older reporter (Ray 2.60 keeps both) prints nothing at 0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 class TrialLines(tune.Callback):

@@ -124,11 +124,20 @@ def search_identity(settings: SearchSettings) -> dict[str, Any]:
     space (searched params, fixed settings, scheduler, ...), the data and the MLflow store."""
     identity = {
         "data": str(Path(settings.data_dir).resolve()) if settings.data_dir else "demo",
-        "mlflow_uri": settings.mlflow_uri,
+        "mlflow_uri": comparable_uri(settings.mlflow_uri),
         "experiment": settings.experiment or settings.space.name,
     }
     identity.update(_flatten(settings.space.model_dump(mode="json"), "space"))
     return identity
+
+
+def comparable_uri(uri: str) -> str:
+    """A tracking URI as it names a store: a relative sqlite path is relative to the working directory,
+    so `sqlite:///mlflow.db` from another folder is another store (and an absolute one may be the same)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -154,7 +163,9 @@ def check_resume_matches(settings: SearchSettings, state: dict[str, Any] | None)
     MLflow store would mix two searches under one parent run, so it is refused, naming what changed."""
     if not settings.resume or not state or "search" not in state:
         return  # nothing recorded (a search from before identities were kept): nothing to compare
-    recorded, now = state["search"], search_identity(settings)
+    recorded, now = dict(state["search"]), search_identity(settings)
+    # A search recorded before URIs were made comparable kept a relative sqlite path as written.
+    recorded["mlflow_uri"] = comparable_uri(str(recorded.get("mlflow_uri", "")))
     changed = sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))
     if changed:
         shown = "; ".join(f"{key}: {recorded.get(key)!r} then, {now.get(key)!r} now" for key in changed[:6])

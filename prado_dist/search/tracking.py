@@ -13,12 +13,14 @@ import logging
 import math
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray import tune
@@ -151,51 +153,106 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+# MLflow's answers that no retry changes (a changed param value, a deleted run, no permission): such a
+# record is reported, listed and skipped; anything else (no answer, a timeout, a 5xx) is an outage.
+PERMANENT_REFUSALS = {
+    "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED",
+    "BAD_REQUEST", "INVALID_STATE",
+}  # fmt: skip
+MAX_PENDING = 10_000  # records kept in memory through an outage; later ones are listed in the file at once
+SLOW_FAILURE_S = 2.0  # a failure that took this long is a hung server, not a refused connection ...
+RETRY_AFTER_SLOW_S = 30.0  # ... so the records wait this long before the next try, not each Tune event
+
+
+def is_refusal(err: Exception) -> bool:
+    return isinstance(err, MlflowException) and err.error_code in PERMANENT_REFUSALS
+
+
 class RecordQueue:
-    """MLflow writes that are retried until they succeed; nothing is dropped silently."""
+    """MLflow writes that are retried until they succeed, in order; nothing is dropped silently.
+
+    An outage keeps the records (at most MAX_PENDING; the rest are listed in `pending_file` at once)
+    and retries them with the next record, or after RETRY_AFTER_SLOW_S when the server hangs rather
+    than refuses. A permanent refusal is named once, listed, and skipped: it holds back nothing."""
 
     def __init__(self, pending_file: Path) -> None:
         self.pending: list[tuple[str, Callable[[], Any]]] = []
         self.pending_file = pending_file
-        self._warned = False
+        self._warned = self._warned_full = False
+        self._retry_at = 0.0
 
     def submit(self, description: str, write: Callable[[], Any]) -> Any:
         self.flush()
         if self.pending:  # keep order: later records wait behind earlier failed ones
-            self.pending.append((description, write))
+            self._keep(description, write)
             return None
         return self._try(description, write)
 
     def _try(self, description: str, write: Callable[[], Any]) -> Any:
+        started = time.monotonic()
         try:
             return write()
         except Exception as err:
-            if not self._warned:
-                logger.warning("MLflow unreachable (%s); training continues, records are kept and retried", err)
-                self._warned = True
-            self.pending.append((description, write))
+            if is_refusal(err):
+                self._refused(description, err)
+            else:
+                self._outage(err, started)
+                self._keep(description, write)
             return None
 
-    def flush(self) -> None:
+    def _keep(self, description: str, write: Callable[[], Any]) -> None:
+        if len(self.pending) < MAX_PENDING:
+            self.pending.append((description, write))
+            return
+        self._list([{"record": description}])
+        if not self._warned_full:
+            logger.warning(
+                "%d MLflow records wait already; the next ones are listed in %s", MAX_PENDING, self.pending_file
+            )
+            self._warned_full = True
+
+    def _outage(self, err: Exception, started: float) -> None:
+        if not self._warned:
+            logger.warning("MLflow unreachable (%s); training continues, records are kept and retried", err)
+            self._warned = True
+        if time.monotonic() - started >= SLOW_FAILURE_S:
+            self._retry_at = time.monotonic() + RETRY_AFTER_SLOW_S
+
+    def _refused(self, description: str, err: Exception) -> None:
+        logger.warning(
+            "MLflow refused the %s for good (%s); skipped, listed in %s", description, err, self.pending_file
+        )
+        self._list([{"record": description, "refused": str(err)[:500]}])
+
+    def _list(self, entries: list[dict[str, str]]) -> None:
+        # Appended: a resumed search must not erase what an earlier driver could not write.
+        with open(self.pending_file, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
+
+    def flush(self, force: bool = False) -> None:
+        if not force and time.monotonic() < self._retry_at:
+            return  # a hung server: not before RETRY_AFTER_SLOW_S
         while self.pending:
             description, write = self.pending[0]
+            started = time.monotonic()
             try:
                 write()
-            except Exception:
-                return
+            except Exception as err:
+                if not is_refusal(err):
+                    self._outage(err, started)
+                    return
+                self._refused(description, err)
             self.pending.pop(0)
             if not self.pending:
                 logger.warning("MLflow reachable again: all delayed records written")
-                self._warned = False
+                self._warned = self._warned_full = False
 
     def close(self) -> list[str]:
         """Flush; what still cannot be written is listed in `pending_file` and returned."""
-        self.flush()
+        self.flush(force=True)
         missing = [description for description, _ in self.pending]
         if missing:
-            # Appended: a resumed search must not erase what an earlier driver could not write.
-            with open(self.pending_file, "a", encoding="utf-8") as handle:
-                handle.write("".join(json.dumps({"record": m}) + "\n" for m in missing))
+            self._list([{"record": m} for m in missing])
             self.pending.clear()  # listed once, even if close() is called again
             logger.warning("%d MLflow records could not be written; listed in %s", len(missing), self.pending_file)
         return missing

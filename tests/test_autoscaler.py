@@ -17,7 +17,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
-from tests.test_multinode import LocalCluster, node_ports, processes_of, run_tune, stop_cluster
+from tests.test_multinode import LocalCluster, node_ports, nodes_of, processes_of, run_tune, stop_cluster
 
 REHEARSE = Path(__file__).resolve().parents[1] / "clusters" / "rehearse.py"
 IDLE_TIMEOUT_MINUTES = 0.25
@@ -50,19 +49,6 @@ def test_the_derived_config_keeps_gpu_yamls_node_types_and_limits() -> None:
     assert worker["min_workers"] == source["available_node_types"]["gpu_worker"]["min_workers"]
     assert worker["max_workers"] == 2 and config["max_workers"] == 2
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}  # nothing on the head
-
-
-def cluster_nodes(cluster: LocalCluster) -> list[dict]:
-    """Every node the cluster has had (alive or not): id, alive, resources."""
-    script = (
-        "import json, ray\n"
-        f"ray.init(address={cluster.address!r}, log_to_driver=False)\n"
-        "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
-        "for n in ray.nodes()]))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], env=cluster.env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def start_head(cluster: LocalCluster, rehearse, folder: Path) -> None:
@@ -108,7 +94,7 @@ def test_gpu_trials_make_the_autoscaler_start_gpu_workers_that_it_removes_when_i
     storage = tmp_path / "runs"
     try:
         start_head(cluster, rehearse, tmp_path)
-        (head,) = cluster_nodes(cluster)  # the head alone, without a GPU
+        (head,) = nodes_of(cluster)  # the head alone, without a GPU
         assert head["resources"].get("GPU") is None
         code, output = run_tune(
             cluster,
@@ -123,7 +109,7 @@ def test_gpu_trials_make_the_autoscaler_start_gpu_workers_that_it_removes_when_i
         assert code == 0, output[-5000:]
         # Every node but the head was started by the autoscaler, as a gpu_worker (the only type it may
         # start); a node removed already is listed dead, without its resources.
-        nodes = cluster_nodes(cluster)
+        nodes = nodes_of(cluster)
         gpu_nodes = {node["id"] for node in nodes if node["id"] != head["id"]}
         assert 1 <= len(gpu_nodes) <= 2, nodes  # within gpu_worker's max_workers
         assert all(node["resources"].get("GPU") == 1 for node in nodes if node["id"] in gpu_nodes and node["alive"])
@@ -135,8 +121,8 @@ def test_gpu_trials_make_the_autoscaler_start_gpu_workers_that_it_removes_when_i
         assert statuses == ["FINISHED"] * 3  # the search's parent run and both trials'
 
         deadline = time.monotonic() + IDLE_TIMEOUT_MINUTES * 60 + 90
-        while any(node["alive"] and node["id"] in gpu_nodes for node in cluster_nodes(cluster)):
-            assert time.monotonic() < deadline, f"idle GPU workers were not removed: {cluster_nodes(cluster)}"
+        while any(node["alive"] and node["id"] in gpu_nodes for node in nodes_of(cluster)):
+            assert time.monotonic() < deadline, f"idle GPU workers were not removed: {nodes_of(cluster)}"
             time.sleep(5)
         stop_cluster(cluster)
         assert processes_of(temp_dir) == []

@@ -5,7 +5,8 @@ Train V2's placement group (strategy PACK, which spreads when one node is too sm
 one worker on each node, and the workers train together over gloo. The test checks that every
 trial reported both nodes' ids (`node_ids`, see prado_dist/distributed/worker.py), that the
 decoded cache was built once, by the search driver, and reused by every worker on both nodes, and
-that stopping the cluster leaves no process behind.
+that stopping the cluster leaves no process behind. Before that, a driver whose images are not
+node_b's is refused with exit 2 naming node_b (prado_dist/distributed/node_data.py).
 
 Isolation from other Ray instances on the machine: a private temp dir, free ports for every
 service of both nodes, and a private auth token (Ray 2.60 turns token authentication on for
@@ -28,11 +29,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
+from prado_dist.data.demo import DEMO_VERSION, make_demo_dataset
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -173,19 +175,29 @@ def two_node_cluster(cache_dir: Path) -> Iterator[LocalCluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def node_ids_by_resource(cluster: LocalCluster) -> dict[str, str]:
-    """{"node_a": id, "node_b": id} of the live nodes, from `ray.nodes()` in a short-lived driver."""
+def nodes_of(cluster: LocalCluster) -> list[dict]:
+    """Every node the cluster has had (alive or not): id, alive, resources; from `ray.nodes()` in a
+    short-lived driver, so that the test process itself never connects to the cluster."""
     script = (
         "import json, ray\n"
         f"ray.init(address={cluster.address!r}, log_to_driver=False)\n"
-        "print(json.dumps([(n['NodeID'], n['Alive'], n['Resources']) for n in ray.nodes()]))\n"
+        "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
+        "for n in ray.nodes()]))\n"
         "ray.shutdown()\n"
     )
     done = subprocess.run([sys.executable, "-c", script], env=cluster.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    nodes = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def node_ids_by_resource(cluster: LocalCluster) -> dict[str, str]:
+    """{"node_a": id, "node_b": id} of the live nodes."""
     return {
-        name: node_id for node_id, alive, resources in nodes if alive for name in resources if name.startswith("node_")
+        name: node["id"]
+        for node in nodes_of(cluster)
+        if node["alive"]
+        for name in node["resources"]
+        if name.startswith("node_")
     }
 
 
@@ -208,11 +220,41 @@ def run_tune(cluster: LocalCluster, args: list[str], timeout_s: float) -> tuple[
     return process.returncode, output
 
 
+def refused_when_a_node_has_other_images(cluster: LocalCluster, small_demo: Path, tmp_path: Path, node: str) -> None:
+    """A search whose driver's demo set is not the one node_b finds is refused before it starts.
+
+    Both nodes share this machine's disk, so the driver is given another cache folder (its demo set
+    is `small_demo`), while the nodes' cache holds a different demo set of 30 images."""
+    demo_name = f"demo-{DEMO_VERSION}-600-0"  # what demo_data_dir() looks for in a cache folder
+    driver_cache = tmp_path / "driver-cache"
+    driver_cache.mkdir()
+    (driver_cache / demo_name).symlink_to(small_demo)
+    nodes_demo = Path(cluster.env["PRADO_DIST_CACHE"]) / demo_name
+    nodes_demo.parent.mkdir(parents=True, exist_ok=True)
+    nodes_demo.symlink_to(make_demo_dataset(tmp_path / "other-demo", images=30, seed=2, size=32))
+    driver = replace(cluster, env={**cluster.env, "PRADO_DIST_CACHE": str(driver_cache)})
+    try:
+        code, output = run_tune(
+            driver,
+            [
+                *("--space", "demo", "--address", cluster.address, "--storage", str(tmp_path / "refused")),
+                *("--mlflow-uri", f"sqlite:///{tmp_path}/refused.db", "--set", "epochs=1", "--set", "image_size=32"),
+            ],
+            timeout_s=300,
+        )
+    finally:
+        nodes_demo.unlink()
+    assert code == 2, output[-3000:]
+    assert f"({node[:8]}): other files" in output and "same files at the same path" in output, output[-3000:]
+    assert "parent run" not in output  # refused before the search's MLflow run was opened
+
+
 def test_search_trials_span_two_nodes(small_demo: Path, tmp_path: Path) -> None:
     storage, cache_dir = tmp_path / "runs", tmp_path / "cache"
     with two_node_cluster(cache_dir) as cluster:
         nodes = node_ids_by_resource(cluster)
         assert sorted(nodes) == ["node_a", "node_b"] and nodes["node_a"] != nodes["node_b"]
+        refused_when_a_node_has_other_images(cluster, small_demo, tmp_path, nodes["node_b"])
         code, output = run_tune(
             cluster,
             [
@@ -225,6 +267,7 @@ def test_search_trials_span_two_nodes(small_demo: Path, tmp_path: Path) -> None:
         )
         assert code == 0, output[-5000:]
         assert "=== Search finished ===" in output
+        assert "The images are the same on the 1 other node(s)" in output  # node_b was asked
 
         # Every epoch of every trial was trained by one worker on each node.
         results = sorted((storage / "multinode").glob("*/result.json"))

@@ -173,7 +173,9 @@ def test_placement_groups_whose_creator_died_are_released() -> None:
         assert release_orphaned_placement_groups() == 0
 
 
-def test_search_stopped_by_its_epoch_budget_leaves_nothing_for_the_next(small_demo: Path, tmp_path: Path) -> None:
+def test_search_stopped_by_its_epoch_budget_leaves_nothing_for_the_next(
+    small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The benchmark's path: random search without early stopping, ended mid-flight by the budget while
     # trials are still starting; the next search on the same Ray instance must get the CPUs.
     baselines = {"searcher.kind": "random", "scheduler.kind": "fifo"}
@@ -187,8 +189,9 @@ def test_search_stopped_by_its_epoch_budget_leaves_nothing_for_the_next(small_de
         after_stop = leftover_resources()
         # Checked before the next search: with a group left reserved it would wait forever.
         assert after_stop["placement_groups"] == [] and after_stop["available"].get("CPU") == pytest.approx(2.0)
+        monkeypatch.chdir(small_demo.parent)  # a relative data folder: trials run in their own folders
         following = SearchSettings(
-            space=load_space("demo", {**DEMO_OVERRIDES, "num_samples": 1, "epochs": 1}), data_dir=small_demo,
+            space=load_space("demo", {**DEMO_OVERRIDES, "num_samples": 1, "epochs": 1}), data_dir=Path(small_demo.name),
             storage=str(tmp_path / "runs"), name="following", mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db",
         )  # fmt: skip
         second = run_search(following)

@@ -3,6 +3,7 @@
 Imports the engine below it; knows nothing of Ray Tune.
 """
 
+from prado_dist.distributed.node_data import check_data_on_nodes, data_fingerprint
 from prado_dist.distributed.resources import (
     ResourceError,
     WorkerResources,
@@ -29,9 +30,11 @@ __all__ = [
     "WorkerResources",
     "best_checkpoint_state",
     "build_trainer",
+    "check_data_on_nodes",
     "check_fits",
     "check_global_batch",
     "connect",
+    "data_fingerprint",
     "leftover_resources",
     "load_ray_checkpoint",
     "max_concurrent_runs",

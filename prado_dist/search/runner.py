@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Param
@@ -21,6 +22,7 @@ from ray import tune
 
 from prado_dist.config import TrainConfig
 from prado_dist.data import PreparedData
+from prado_dist.distributed import check_data_on_nodes
 from prado_dist.engine import load_data
 from prado_dist.search.importance import parameter_importances
 from prado_dist.search.population import record_population
@@ -68,7 +70,7 @@ def prepare_search(settings: SearchSettings) -> PreparedSearch:
     nothing a failed start would leave behind but the search's (empty) folder.
     """
     space = settings.space
-    base_config = space.base_config(data_dir=settings.data_dir)
+    base_config = search_base_config(settings)
     location = locate(settings)
     if settings.resume and not tune.Tuner.can_restore(location.uri):
         raise SearchError(f"--resume: {location.uri} holds no Tune experiment to resume (did it start?)")
@@ -85,6 +87,13 @@ def prepare_search(settings: SearchSettings) -> PreparedSearch:
     return PreparedSearch(settings, base_config, data, location, client, experiment_id, tags)
 
 
+def search_base_config(settings: SearchSettings) -> TrainConfig:
+    """The settings every trial starts from. `data_dir` absolute: a trial runs in its own folder
+    (Tune changes into it), and on other nodes."""
+    data_dir = Path(settings.data_dir).resolve() if settings.data_dir is not None else None
+    return settings.space.base_config(data_dir=data_dir)
+
+
 def run_search(settings: SearchSettings) -> SearchOutcome:
     """Prepare and run (or resume) a search on the connected Ray cluster."""
     return run_prepared(prepare_search(settings))
@@ -93,6 +102,9 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
 def run_prepared(prepared: PreparedSearch) -> SearchOutcome:
     """Run (or resume) a prepared search; raises SearchInterrupted when Ctrl-C stopped it."""
     settings, space, location = prepared.settings, prepared.settings.space, prepared.location
+    base = prepared.base_config
+    if nodes := check_data_on_nodes(base.data_dir, base.image_size, prepared.data.fingerprint):
+        print(f"The images are the same on the {nodes} other node(s) of the cluster.", flush=True)
     parent_id = open_parent_run(prepared)
     tracker = SearchTracker(
         settings.mlflow_uri,
@@ -110,7 +122,7 @@ def run_prepared(prepared: PreparedSearch) -> SearchOutcome:
     )
     try:
         try:
-            tuner = build_tuner(settings, location, prepared.base_config, tracker)
+            tuner = build_tuner(settings, location, base, tracker, prepared.data.fingerprint)
         except Exception as err:  # refused before any trial started (e.g. resources that can never fit)
             end_failed_start(prepared, parent_id, err)
             raise
@@ -191,7 +203,7 @@ def finished_outcome(settings: SearchSettings) -> SearchOutcome:
     state = read_state(location)
     if not location.summary_file.is_file() or state is None:
         raise SearchError(f"{location.uri} holds no finished search (no summary/summary.json); resume it instead")
-    base_config = settings.space.base_config(data_dir=settings.data_dir)
+    base_config = search_base_config(settings)
     # Restored only to read its results: get_results() without fit() runs no trial.
     tuner = tune.Tuner.restore(location.uri, make_trainable(settings.space, location, base_config))
     data = load_data(base_config)

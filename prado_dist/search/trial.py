@@ -23,7 +23,7 @@ from ray import tune
 from ray.util.queue import Queue
 
 from prado_dist.config import TrainConfig
-from prado_dist.data import PreparedData
+from prado_dist.data import DataError, PreparedData
 from prado_dist.distributed import CHECKPOINT_FILE, WorkerResources, build_trainer
 from prado_dist.engine import TrainingRun, load_checkpoint, load_data, save_checkpoint
 from prado_dist.search.console import ordered_metrics, quiet_libraries
@@ -50,14 +50,16 @@ def run_trial(
     metric: str,
     mode: str = "max",
     verbose: bool = False,
+    data_fingerprint: str | None = None,
 ) -> None:
-    """Tune's trial function: `base_config` with `params` applied."""
+    """Tune's trial function: `base_config` with `params` applied; `data_fingerprint` is that of
+    the images the driver decoded, which a one-worker trial checks its node's against."""
     quiet_libraries(verbose)  # e.g. a line per checkpoint written, forwarded to the driver's console
     config = base_config.with_overrides(params)
     if ray_train:
         train_with_ray_train(config, resources, train_storage, metric, mode)
     else:
-        train_in_actor(config, metric)
+        train_in_actor(config, metric, data_fingerprint)
 
 
 # --- one worker: the engine in this actor ----------------------------------------------------------
@@ -74,14 +76,27 @@ def trial_data(config: TrainConfig) -> PreparedData:
     return _decoded[key]
 
 
-def train_in_actor(config: TrainConfig, metric: str) -> None:
+def require_driver_data(data: PreparedData, expected: str | None, config: TrainConfig) -> None:
+    """Refuse to train on other images than the driver's: the search's start-up check asked every
+    node (prado_dist/distributed/node_data.py), but a node an autoscaler adds later is checked here."""
+    if expected is not None and data.fingerprint != expected:
+        where = config.data_dir or "the generated demo set"
+        raise DataError(
+            f"node {ray.util.get_node_ip_address()}: the images of {where} here are not the driver's (fingerprint "
+            f"{data.fingerprint[:12]}, the driver's {expected[:12]}); every node needs the same files at the same path"
+        )
+
+
+def train_in_actor(config: TrainConfig, metric: str, data_fingerprint: str | None = None) -> None:
     """Train `config` here, reporting each epoch to Tune with its checkpoint.
 
     A new `TrainingRun` per trial: seeds, model, BatchNorm settings, optimiser and EMA copy are built
     from this trial's config alone, so nothing of the actor's previous trial carries over (feature
     caches are keyed by the backbone's weights).
     """
-    run = TrainingRun(config, trial_data(config))
+    data = trial_data(config)
+    require_driver_data(data, data_fingerprint, config)
+    run = TrainingRun(config, data)
     placement = {"node_ids": ray.get_runtime_context().get_node_id(), "devices": str(run.device)}
     restored = tune.get_checkpoint()
     if restored is not None:

@@ -26,7 +26,13 @@ from prado_dist.search.trial import run_trial, train_storage_path, trial_resourc
 logger = logging.getLogger(__name__)
 
 
-def make_trainable(space: SearchSpace, location: SearchLocation, base_config: TrainConfig, verbose: bool = False):
+def make_trainable(
+    space: SearchSpace,
+    location: SearchLocation,
+    base_config: TrainConfig,
+    verbose: bool = False,
+    data_fingerprint: str | None = None,
+):
     """The trial function as Tune runs it: its fixed arguments and what each trial's actor reserves."""
     resources, ray_train = space.trial.worker_resources(), space.trial.uses_ray_train
     return tune.with_resources(
@@ -39,17 +45,23 @@ def make_trainable(space: SearchSpace, location: SearchLocation, base_config: Tr
             metric=space.metric,
             mode=space.mode,
             verbose=verbose,
+            data_fingerprint=data_fingerprint,
         ),
         trial_resources(resources, ray_train),
     )
 
 
 def build_tuner(
-    settings: SearchSettings, location: SearchLocation, base_config: TrainConfig, tracker: SearchTracker
+    settings: SearchSettings,
+    location: SearchLocation,
+    base_config: TrainConfig,
+    tracker: SearchTracker,
+    data_fingerprint: str | None = None,
 ) -> tune.Tuner:
-    """A new Tuner, or with `settings.resume` the one Tune saved (its callbacks and stopper included)."""
+    """A new Tuner, or with `settings.resume` the one Tune saved (its callbacks and stopper included);
+    its trials check that they train on the images of `data_fingerprint` (the driver's)."""
     space = settings.space
-    trainable = make_trainable(space, location, base_config, settings.verbose)
+    trainable = make_trainable(space, location, base_config, settings.verbose, data_fingerprint)
     if settings.resume:
         if not tune.Tuner.can_restore(location.uri):
             raise SearchError(f"--resume: {location.uri} holds no Tune experiment to resume")

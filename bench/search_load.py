@@ -9,12 +9,15 @@ and after the search the driver counts:
 * the driver's child processes (`ps --ppid`), and the raylet's (Ray workers) with their memory;
 * the driver's open file descriptors (`/proc/self/fd`, and what they point at) and resident memory.
 
-After the search it waits `--settle` seconds for actors to exit, counts, shuts Ray down and counts
-the driver's descriptors and children once more. One JSON line is appended to
-bench/results/search_load.jsonl.
+It runs `--searches` such searches one after the other on the same Ray instance (as `compare` does)
+and counts after each, `--settle` seconds after it ended: the first search pays for what a process
+loads once (imports, MLflow's database engine, matplotlib's fonts, Ray's driver logs); what still
+grows from the first search to the last, divided by the trials in between, is what each trial
+leaves behind. Then it shuts Ray down and counts the driver's descriptors and children once more.
+One JSON line is appended to bench/results/search_load.jsonl; the figures are discussed in
+bench/README.md.
 
-    python bench/search_load.py                 # 12 trials: ~7 min on 2 cores at load ~12
-    python bench/search_load.py --trials 40
+    python bench/search_load.py --trials 50 --searches 3     # issue 21 item 13: ~5 min
 """
 
 from __future__ import annotations
@@ -110,9 +113,44 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "ray": ray.__version__}
 
 
+def run_searches(args: argparse.Namespace, root: Path) -> tuple[list[dict], list]:
+    """`args.searches` searches of `args.trials` trials each; a snapshot `args.settle` s after each."""
+    data = make_demo_dataset(root / "data", images=args.images, seed=0, size=64)
+    space = load_space("demo", {"num_samples": args.trials, "epochs": 1, "image_size": 32, "scheduler.grace_period": 1})
+    snapshots, outcomes = [], []
+    for index in range(args.searches):
+        settings = SearchSettings(
+            space, data, storage=str(root / "runs"), name=f"load-{index}", mlflow_uri=f"sqlite:///{root}/mlflow.db",
+            experiment="load",
+        )  # fmt: skip
+        started = time.monotonic()
+        outcomes.append(run_search(settings))
+        seconds = time.monotonic() - started
+        time.sleep(args.settle)
+        snapshots.append({"search_seconds": round(seconds, 1), **snapshot()})
+    return snapshots, outcomes
+
+
+def leaks(first: dict, last: dict, trials_between: int) -> dict:
+    """What grew from the end of the first search to the end of the last (nothing, ideally)."""
+    return {
+        "actors_alive": sum(last["actors_alive"].values()) - sum(first["actors_alive"].values()),
+        "placement_groups": last["placement_groups"] - first["placement_groups"],
+        "cpus_reserved": first["cpus_available"] - last["cpus_available"],
+        "ray_workers": last["ray_workers"]["count"] - first["ray_workers"]["count"],
+        "driver_fds": last["driver_fds"] - first["driver_fds"],
+        "driver_children": len(last["driver_children"]) - len(first["driver_children"]),
+        "driver_rss_mib": round(last["driver_rss_mib"] - first["driver_rss_mib"], 1),
+        "driver_rss_mib_per_trial": round((last["driver_rss_mib"] - first["driver_rss_mib"]) / trials_between, 3)
+        if trials_between
+        else None,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=50, help="trials per search")
+    parser.add_argument("--searches", type=int, default=3, help="searches one after the other (2+ to see growth)")
     parser.add_argument("--images", type=int, default=150, help="generated demo images (64 px sources)")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--settle", type=float, default=10.0, help="seconds to wait before counting leftovers")
@@ -122,53 +160,28 @@ def main() -> int:
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     os.environ["RAY_TMPDIR"] = temp_dir
     os.environ["PRADO_DIST_CACHE"] = str(root / "cache")  # decoded images: not into ~/.cache
-    data = make_demo_dataset(root / "data", images=args.images, seed=0, size=64)
-    space = load_space(
-        "demo",
-        {"num_samples": args.trials, "epochs": 1, "image_size": 32, "scheduler.grace_period": 1},
-    )
-    settings = SearchSettings(
-        space, data, storage=str(root / "runs"), mlflow_uri=f"sqlite:///{root}/mlflow.db", experiment="load"
-    )
     load_before = os.getloadavg()
     before_ray, fds_before_ray = snapshot(), descriptor_targets()
     ray.init(**{**local_ray_init_kwargs(args.num_cpus), "log_to_driver": False}, _temp_dir=temp_dir)  # as tune does
     before = snapshot()
-    started = time.monotonic()
-    outcome = run_search(settings)
-    seconds = time.monotonic() - started
-    time.sleep(args.settle)
-    after = snapshot()
+    after_each, outcomes = run_searches(args, root)
     ray.shutdown()
     time.sleep(2)
     after_shutdown = snapshot()
-    fds_gained = descriptor_targets() - fds_before_ray
-
-    statuses = collections.Counter(trial["status"] for trial in outcome.trials.values())
+    trials = [trial for outcome in outcomes for trial in outcome.trials.values()]
+    statuses = collections.Counter(trial["status"] for trial in trials)
     figures = {
-        "trials": len(outcome.trials),
+        "trials": len(trials),
         "trials_ok": statuses.get("ok", 0),
         "trials_failed": statuses.get("error", 0),
-        "trials_stopped_early": sum(trial["stopped_early"] for trial in outcome.trials.values()),
-        "search_seconds": round(seconds, 1),
-        "seconds_per_trial": round(seconds / max(1, len(outcome.trials)), 1),
-        "settle_seconds": args.settle,
+        "seconds_per_trial": round(sum(s["search_seconds"] for s in after_each) / max(1, len(trials)), 2),
         "before_ray": before_ray,
         "before_search": before,
-        "after_search": after,
+        "after_each_search": after_each,
         "after_ray_shutdown": after_shutdown,
-        "leaked": {
-            "actors_alive": sum(after["actors_alive"].values()) - sum(before["actors_alive"].values()),
-            "placement_groups": after["placement_groups"] - before["placement_groups"],
-            "cpus_reserved": before["cpus_available"] - after["cpus_available"],
-            "ray_workers": after["ray_workers"]["count"] - before["ray_workers"]["count"],
-            "ray_workers_rss_mib": after["ray_workers"]["rss_mib"] - before["ray_workers"]["rss_mib"],
-            "driver_fds_with_ray": after["driver_fds"] - before["driver_fds"],
-            "driver_fds_after_shutdown": after_shutdown["driver_fds"] - before_ray["driver_fds"],
-            "driver_fds_after_shutdown_by_target": dict(fds_gained),
-            "driver_children_after_shutdown": len(after_shutdown["driver_children"])
-            - len(before_ray["driver_children"]),
-        },
+        "grown_from_first_to_last_search": leaks(after_each[0], after_each[-1], args.trials * (args.searches - 1)),
+        "left_by_the_first_search": leaks(before, after_each[0], args.trials),
+        "driver_fds_after_shutdown_by_target": dict(descriptor_targets() - fds_before_ray),
     }
     line = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -180,7 +193,12 @@ def main() -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     with open(RESULTS, "a") as handle:
         handle.write(json.dumps(line) + "\n")
-    print(json.dumps(figures, indent=2))
+    print(json.dumps({key: figures[key] for key in ("trials", "trials_ok", "seconds_per_trial")}, indent=2))
+    print(
+        json.dumps(
+            {key: value for key, value in figures.items() if key.startswith(("grown", "left", "driver"))}, indent=2
+        )
+    )
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(temp_dir, ignore_errors=True)
     return 0

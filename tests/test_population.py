@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from prado_dist.engine import config_from_schedule, load_checkpoint, schedule_re
 from prado_dist.search import SearchSettings, load_space, run_search
 from prado_dist.search.population import WithinBounds, read_exploits, write_lineage
 from tests.conftest import local_ray
+from tests.test_search import kill_session
 
 POPULATION = {"num_samples": 4, "epochs": 4, "image_size": 32, "scheduler.perturbation_interval": 1}
 
@@ -185,3 +191,51 @@ def test_pb2_search_perturbs_within_the_bounds(small_demo: Path, tmp_path: Path)
             assert spec.low <= new <= spec.high
         assert isinstance(event["changes"]["decay_start"][1], int)
     assert (tmp_path / "runs" / "pb2" / "summary" / "schedule.json").is_file()
+
+
+def logged_epochs(db: Path) -> dict[str, int]:
+    """Epochs each trial's MLflow run holds so far (trial id -> count), read while the search runs."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(db) as connection:
+            rows = connection.execute(
+                "select t.value, count(distinct m.step) from metrics m join tags t on t.run_uuid = m.run_uuid "
+                "where t.key = 'trial_id' and m.key = 'val_balanced_accuracy' group by t.value"
+            ).fetchall()
+    except sqlite3.Error:  # the driver is writing its first tables
+        return {}
+    return dict(rows)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_population_resumes_where_its_members_were(small_demo: Path, tmp_path: Path) -> None:
+    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_dir, "PYTHONUNBUFFERED": "1"}
+    command = [
+        *(sys.executable, "-m", "prado_dist.tune", "--space", "demo", "--data", str(small_demo), "--num-cpus", "2"),
+        *("--storage", str(storage), "--name", "population", "--mlflow-uri", f"sqlite:///{db}"),
+        *(f"--set={key}={value}" for key, value in {**POPULATION, "scheduler.kind": "pbt"}.items()),
+    ]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 400
+        while sum(logged_epochs(db).values()) < 6:  # of 4 members x 4 epochs
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the population trained too slowly"
+            time.sleep(0.5)
+        kill_session(first, ray_dir)
+    before = logged_epochs(db)
+
+    second = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = json.loads((storage / "population" / "summary" / "summary.json").read_text())
+    assert len(summary["trials"]) == 4  # the population of the first run, none added
+    for trial in summary["trials"].values():  # every member trained to the end
+        epochs = [epoch for epoch, _ in trial["curve"]]
+        assert trial["epochs"] == 4 and epochs[-1] == 4 and epochs == sorted(set(epochs)), trial
+    # (Which epoch a member resumes from is Tune's: the newest checkpoint its experiment state had
+    # saved before the kill, which may be none yet, so that is not asserted.)
+    assert sum(before.values()) < 16 and (storage / "population" / "summary" / "schedule.json").is_file()

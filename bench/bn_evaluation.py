@@ -38,7 +38,8 @@ from _machine import record  # noqa: E402
 
 from prado_dist.config import TrainConfig  # noqa: E402
 from prado_dist.engine.loop import evaluate  # noqa: E402
-from prado_dist.engine.session import TrainingRun, load_data  # noqa: E402
+from prado_dist.engine.process import load_data  # noqa: E402
+from prado_dist.engine.session import TrainingRun  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAINTINGS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "paintings-dev"

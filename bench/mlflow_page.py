@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from prado_dist.search.tracking import connect, experiment_page
+from prado_dist.search.mlflow_experiment import connect, experiment_page
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import record  # noqa: E402  (a sibling bench module)

@@ -20,7 +20,7 @@ from prado_dist.data.demo import announce_data
 from prado_dist.distributed import ResourceError, connect
 from prado_dist.search import SearchError, SearchInterrupted, TrackingError, parse_set, tracking_uri
 from prado_dist.search.console import quiet_libraries
-from prado_dist.search.tracking import how_to_open
+from prado_dist.search.mlflow_experiment import how_to_open
 
 # A comparison that fits a 2-core machine in minutes (bench/README.md has its timings): small images,
 # few epochs, one CPU per trial. Applied before --set, which overrides any of it.

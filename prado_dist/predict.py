@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from prado_dist.config import tracking_uri
-from prado_dist.data.cache import ImageRejected, decode_image
+from prado_dist.data.decode import ImageRejected, decode_image
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any other setting: --set KEY=VALUE (repeatable), e.g. --set pca_std=0 --set ema_decay=0.97; "
         f"settings: {', '.join(TrainConfig.model_fields)}.",
     )
-    # The settings typed most, as flags; each is a `--set` underneath (absent: the config's default).
+    _add_setting_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/train-MODEL-TIME)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run in --out, with the same settings and data; its checkpoints are "
+        "unpickled (torch.load), so only resume runs you trust",
+    )
+    _add_ray_arguments(parser)
+    return parser
+
+
+def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training settings: the ones typed most as flags, any other through --set, or a replayed schedule."""
+    # Each flag is a `--set` underneath (absent: the config's default).
     settings = parser.add_argument_group("settings (defaults: the report's, prado_dist/config.py)")
     for flag, kind, text in COMMON_SETTINGS:
         field = flag.removeprefix("--").replace("-", "_")
@@ -70,13 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay a recorded schedule (a population-based search's summary/schedule.json): its settings, "
         "epoch by epoch, on a freshly initialised model",
     )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/train-MODEL-TIME)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the unfinished run in --out, with the same settings and data; its checkpoints are "
-        "unpickled (torch.load), so only resume runs you trust",
-    )
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """How Ray Train runs the training: its workers and their resources, the cluster, the storage."""
     ray_group = parser.add_argument_group("Ray Train")
     ray_group.add_argument("--workers", type=int, default=1, help="data-parallel workers")
     ray_group.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
@@ -85,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--storage", default=None, help="Ray storage path or URI (default OUT/ray)")
     ray_group.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from checkpoint")
     ray_group.add_argument("--single-process", action="store_true", help="no Ray: train in this process")
-    return parser
 
 
 COMMON_SETTINGS = (

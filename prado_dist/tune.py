@@ -33,7 +33,7 @@ from prado_dist.search import (
     tracking_uri,
 )
 from prado_dist.search.console import quiet_libraries
-from prado_dist.search.tracking import how_to_open
+from prado_dist.search.mlflow_experiment import how_to_open
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,8 @@ from PIL import Image
 from prado_dist.data import cache as cache_module
 from prado_dist.data.__main__ import main as cli_main
 from prado_dist.data.__main__ import main as data_main
-from prado_dist.data.cache import ImageRejected, decode_image
 from prado_dist.data.dataset import PaintingsDataset, prepare_data, split_counts
+from prado_dist.data.decode import ImageRejected, decode_image
 from prado_dist.data.sources import DataError
 
 SIZE = 16

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prado_dist.search.tracking import connect
+from prado_dist.search.mlflow_experiment import connect
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

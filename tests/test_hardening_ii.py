@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from prado_dist.data import cache as cache_module
+from prado_dist.data import decode as decode_module
 from prado_dist.data import fetch
 from prado_dist.data.__main__ import main as data_main
 from prado_dist.data.sources import PRADO_AUTHORS
@@ -394,15 +395,15 @@ def gradient(width: int, height: int) -> np.ndarray:
 def test_large_jpeg_is_decoded_at_reduced_size_and_other_formats_are_limited(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cache_module, "MAX_DECODE_PIXELS", 1_000_000)
+    monkeypatch.setattr(decode_module, "MAX_DECODE_PIXELS", 1_000_000)
     pixels = gradient(3000, 2000)  # 6 MP: over the limit in full, 94 kP at the 1/8 scale draft picks
     Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
     Image.fromarray(pixels).save(tmp_path / "big.png")
-    decoded = cache_module.decode_image(tmp_path / "big.jpg", 64)
+    decoded = decode_module.decode_image(tmp_path / "big.jpg", 64)
     reference = np.asarray(Image.fromarray(pixels).resize((64, 64), Image.Resampling.BILINEAR))
     assert np.abs(decoded.astype(int) - reference).mean() < 3
-    with pytest.raises(cache_module.ImageRejected) as rejected:
-        cache_module.decode_image(tmp_path / "big.png", 64)
+    with pytest.raises(decode_module.ImageRejected) as rejected:
+        decode_module.decode_image(tmp_path / "big.png", 64)
     assert str(rejected.value).startswith(f"{tmp_path / 'big.png'} would decode to 3000x2000 px (6.0 MP)")
 
 
@@ -413,7 +414,7 @@ def test_sixteen_bit_image_is_rescaled_without_a_full_size_float_copy(tmp_path: 
     Image.fromarray(values).save(tmp_path / "deep.png")
     tracemalloc.start()  # numpy reports its allocations to tracemalloc; Pillow's own buffers are not counted
     try:
-        decoded = cache_module.decode_image(tmp_path / "deep.png", 32)
+        decoded = decode_module.decode_image(tmp_path / "deep.png", 32)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -14,7 +14,7 @@ import torch
 from prado_dist import predict
 from prado_dist.config import TrainConfig
 from prado_dist.data import prepare_data
-from prado_dist.data.cache import decode_image
+from prado_dist.data.decode import decode_image
 from prado_dist.engine import TrainingRun
 from prado_dist.engine.export import PaintingClassifier
 from prado_dist.search.report import log_best_model

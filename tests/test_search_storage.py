@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from prado_dist.search import SearchSettings, load_space, prepare_search
 from prado_dist.search import runner as runner_module
 from prado_dist.search import storage as storage_module
+from prado_dist.search.mlflow_experiment import connect
 from prado_dist.search.storage import STATE_FILE, locate
-from prado_dist.search.tracking import connect
 from tests.conftest import free_port
 from tests.helpers import run_tune, search_args
 

@@ -18,7 +18,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 
 from prado_dist.search import tracking as tracking_module
-from prado_dist.search.tracking import EndedTrial, SearchTracker, connect
+from prado_dist.search.mlflow_experiment import connect
+from prado_dist.search.tracking import EndedTrial, SearchTracker
 
 
 class FlakyClient:
@@ -238,7 +239,7 @@ def test_a_hung_server_is_not_asked_again_at_every_event_and_the_queue_is_bounde
 
 def test_the_search_data_is_an_mlflow_dataset_input_with_its_class_counts(small_demo: Path, tmp_path: Path) -> None:
     from prado_dist.data import prepare_data, split_counts
-    from prado_dist.search.tracking import dataset_input
+    from prado_dist.search.mlflow_experiment import dataset_input
 
     data = prepare_data(small_demo, 32, cache_dir=tmp_path / "cache")
     client, experiment_id = connect(f"sqlite:///{tmp_path}/m.db", "inputs")

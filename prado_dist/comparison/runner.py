@@ -25,9 +25,9 @@ from prado_dist.comparison.leaderboard import leaderboard_row, plot_leaderboard,
 from prado_dist.config import DEFAULT_TRACKING_URI
 from prado_dist.engine import load_data
 from prado_dist.search import SearchError, SearchInterrupted, SearchSettings, SearchSpace, check_search, load_space
+from prado_dist.search.mlflow_experiment import connect
 from prado_dist.search.runner import finished_outcome, prepare_search, run_prepared
 from prado_dist.search.storage import claim_new_folder, comparable_uri, locate
-from prado_dist.search.tracking import connect
 
 logger = logging.getLogger(__name__)
 

@@ -145,10 +145,18 @@ def _random_colour(rng: np.random.Generator, hue_centre: float | None) -> np.nda
 
 def _render_painting(style: PainterStyle, rng: np.random.Generator, canvas: _Canvas) -> np.ndarray:
     """One generated painting as a (size, size, 3) uint8 array."""
-    size = canvas.size
-    scale = size / 128.0  # styles are tuned at 128 px
+    # The steps draw from `rng` one after the other: their order fixes the pictures of a seed.
+    image = _paint_background(style, rng, canvas)
+    if style.mass_centre is not None:
+        image = _paint_mass(image, style.mass_centre, rng, canvas)
+    for _ in range(int(rng.integers(2, 5))):
+        image = _paint_stroke_layer(image, style, rng, canvas)
+    return _finish_surface(image, style, rng, canvas)
 
-    # Background: two random colours split at the horizon, or a random vertical gradient.
+
+def _paint_background(style: PainterStyle, rng: np.random.Generator, canvas: _Canvas) -> np.ndarray:
+    """Two random colours split at the horizon, or a random vertical gradient (float32 RGB)."""
+    size = canvas.size
     top, bottom = _random_colour(rng, None), _random_colour(rng, None)
     if style.horizon is not None:
         horizon = style.horizon + rng.normal(0.0, 0.05)
@@ -157,38 +165,49 @@ def _render_painting(style: PainterStyle, rng: np.random.Generator, canvas: _Can
         blend = canvas.y * rng.uniform(0.0, 1.0)
     image = top * (1.0 - blend[..., None]) + bottom * blend[..., None]
     # float32 from here on: the per-pixel compositing dominates the run time.
-    image = np.broadcast_to(image, (size, size, 3)).astype(np.float32)
+    return np.broadcast_to(image, (size, size, 3)).astype(np.float32)
 
-    # Composition: a soft dark or light mass where the painter puts the subject.
-    if style.mass_centre is not None:
-        cx = style.mass_centre[0] + rng.normal(0.0, 0.06)
-        cy = style.mass_centre[1] + rng.normal(0.0, 0.06)
-        rx, ry = rng.uniform(0.12, 0.25), rng.uniform(0.15, 0.3)
-        distance = ((canvas.x - cx) / rx) ** 2 + ((canvas.y - cy) / ry) ** 2
-        alpha = (rng.uniform(0.5, 0.9) * np.exp(-(distance**2))).astype(np.float32)
-        tone = rng.uniform(0.0, 0.2) if rng.random() < 0.7 else rng.uniform(0.75, 1.0)
-        mass_colour = np.clip(tone + rng.normal(0.0, 0.08, 3), 0.0, 1.0).astype(np.float32)
-        image = image * (1.0 - alpha[..., None]) + mass_colour * alpha[..., None]
 
-    # Brush strokes, in a few layers of one colour and one direction each, painted over each other.
-    for _ in range(int(rng.integers(2, 5))):
-        if style.stroke_angle is None:
-            angle = rng.uniform(0.0, 180.0)
-        else:
-            sign = rng.choice((-1.0, 1.0)) if style.diagonal else 1.0
-            angle = sign * style.stroke_angle + rng.normal(0.0, style.angle_jitter)
-        length = style.stroke_length * size * rng.uniform(0.7, 1.3)
-        width = max(0.6, style.stroke_width * size * rng.uniform(0.8, 1.2))
-        count = int(rng.integers(*style.strokes_per_layer) * scale**2 * rng.uniform(0.5, 1.0))
-        impulses = np.zeros((size, size))
-        rows, cols = rng.integers(0, size, count), rng.integers(0, size, count)
-        np.add.at(impulses, (rows, cols), rng.uniform(0.6, 1.0, count))
-        strokes = canvas.convolve(impulses, canvas.stroke_kernel(angle, length, width))
-        coverage = np.clip(strokes, 0.0, 1.0).astype(np.float32)
-        colour = _random_colour(rng, style.hue).astype(np.float32)
-        image = image * (1.0 - coverage[..., None]) + colour * coverage[..., None]
+def _paint_mass(
+    image: np.ndarray, mass_centre: tuple[float, float], rng: np.random.Generator, canvas: _Canvas
+) -> np.ndarray:
+    """Composition: a soft dark or light mass where the painter puts the subject."""
+    cx = mass_centre[0] + rng.normal(0.0, 0.06)
+    cy = mass_centre[1] + rng.normal(0.0, 0.06)
+    rx, ry = rng.uniform(0.12, 0.25), rng.uniform(0.15, 0.3)
+    distance = ((canvas.x - cx) / rx) ** 2 + ((canvas.y - cy) / ry) ** 2
+    alpha = (rng.uniform(0.5, 0.9) * np.exp(-(distance**2))).astype(np.float32)
+    tone = rng.uniform(0.0, 0.2) if rng.random() < 0.7 else rng.uniform(0.75, 1.0)
+    mass_colour = np.clip(tone + rng.normal(0.0, 0.08, 3), 0.0, 1.0).astype(np.float32)
+    return image * (1.0 - alpha[..., None]) + mass_colour * alpha[..., None]
 
-    # Paint grain at the painter's texture scale, then random brightness and contrast.
+
+def _paint_stroke_layer(
+    image: np.ndarray, style: PainterStyle, rng: np.random.Generator, canvas: _Canvas
+) -> np.ndarray:
+    """One layer of brush strokes of one colour and one direction, painted over `image`."""
+    size = canvas.size
+    scale = size / 128.0  # styles are tuned at 128 px
+    if style.stroke_angle is None:
+        angle = rng.uniform(0.0, 180.0)
+    else:
+        sign = rng.choice((-1.0, 1.0)) if style.diagonal else 1.0
+        angle = sign * style.stroke_angle + rng.normal(0.0, style.angle_jitter)
+    length = style.stroke_length * size * rng.uniform(0.7, 1.3)
+    width = max(0.6, style.stroke_width * size * rng.uniform(0.8, 1.2))
+    count = int(rng.integers(*style.strokes_per_layer) * scale**2 * rng.uniform(0.5, 1.0))
+    impulses = np.zeros((size, size))
+    rows, cols = rng.integers(0, size, count), rng.integers(0, size, count)
+    np.add.at(impulses, (rows, cols), rng.uniform(0.6, 1.0, count))
+    strokes = canvas.convolve(impulses, canvas.stroke_kernel(angle, length, width))
+    coverage = np.clip(strokes, 0.0, 1.0).astype(np.float32)
+    colour = _random_colour(rng, style.hue).astype(np.float32)
+    return image * (1.0 - coverage[..., None]) + colour * coverage[..., None]
+
+
+def _finish_surface(image: np.ndarray, style: PainterStyle, rng: np.random.Generator, canvas: _Canvas) -> np.ndarray:
+    """Paint grain at the painter's texture scale, then random brightness and contrast; uint8."""
+    scale = canvas.size / 128.0  # styles are tuned at 128 px
     grain = canvas.grain(rng, style.texture_sigma * scale)
     image = image * (1.0 + rng.uniform(0.06, 0.14) * grain[..., None].astype(np.float32))
     mean = image.mean()

@@ -220,12 +220,7 @@ def fetch_images(
     skipped, so an interrupted run resumes by running it again; stale `.part` files are removed.
     Ctrl-C cancels the queued downloads and re-raises.
     """
-    if concurrency < 1:
-        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
-    if retries < 0:
-        raise ValueError(f"--retries must be 0 or more, got {retries}")
-    if timeout <= 0 or backoff < 0:
-        raise ValueError(f"--timeout must be > 0 and --backoff >= 0, got {timeout} and {backoff}")
+    _check_fetch_settings(concurrency, retries, timeout, backoff)
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     if not csv_path.is_file():
         raise FileNotFoundError(f"metadata csv not found: {csv_path} (the Kaggle file is prado.csv)")
@@ -233,6 +228,25 @@ def fetch_images(
     # Both forms of an author string, as sources.py reads them: else the dataset would list rows whose
     # files were never fetched.
     rows = [row for _, _, row in read_painter_rows(csv_path)]
+    images_dir = _prepare_dataset_folder(csv_path, out_dir)
+    summary = FetchSummary()
+    todo = plan_downloads(rows, images_dir, summary)
+    _download_all(todo, summary, concurrency=concurrency, retries=retries, timeout=timeout, backoff=backoff)
+    return summary
+
+
+def _check_fetch_settings(concurrency: int, retries: int, timeout: float, backoff: float) -> None:
+    """`ValueError` naming the command-line option whose value cannot work."""
+    if concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    if retries < 0:
+        raise ValueError(f"--retries must be 0 or more, got {retries}")
+    if timeout <= 0 or backoff < 0:
+        raise ValueError(f"--timeout must be > 0 and --backoff >= 0, got {timeout} and {backoff}")
+
+
+def _prepare_dataset_folder(csv_path: Path, out_dir: Path) -> Path:
+    """`out_dir/images/`, created, with the csv copied beside it and a killed run's leftovers removed."""
     images_dir = out_dir / "images"
     try:
         images_dir.mkdir(parents=True, exist_ok=True)
@@ -242,11 +256,7 @@ def fetch_images(
     # Leftovers of a killed run: never complete (the rename did not happen), so they go.
     for stale in images_dir.glob("*.part"):
         stale.unlink(missing_ok=True)
-
-    summary = FetchSummary()
-    todo = plan_downloads(rows, images_dir, summary)
-    _download_all(todo, summary, concurrency=concurrency, retries=retries, timeout=timeout, backoff=backoff)
-    return summary
+    return images_dir
 
 
 def plan_downloads(rows: list[dict[str, str]], images_dir: Path, summary: FetchSummary) -> dict[str, Path]:

@@ -73,17 +73,29 @@ def build_trainer(
             use_gpu=resources.use_gpu,
             resources_per_worker=resources.per_worker(),
         ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_uri(storage),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep_checkpoints,
-                checkpoint_score_attribute=selection[0],
-                checkpoint_score_order=selection[1],
-            ),
-            callbacks=list(callbacks),
+        run_config=_run_config(name, storage, max_failures, keep_checkpoints, callbacks, selection),
+    )
+
+
+def _run_config(
+    name: str,
+    storage: str | Path,
+    max_failures: int,
+    keep_checkpoints: int,
+    callbacks: Sequence[ray.train.UserCallback],
+    selection: tuple[str, str],
+) -> ray.train.RunConfig:
+    """Where the run is stored, how often it restarts, and which of its checkpoints are kept."""
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=storage_uri(storage),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=keep_checkpoints,
+            checkpoint_score_attribute=selection[0],
+            checkpoint_score_order=selection[1],
         ),
+        callbacks=list(callbacks),
     )
 
 

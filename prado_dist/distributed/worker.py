@@ -56,20 +56,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # DDP with gloo on CPU, NCCL on GPU; a single worker is left unwrapped.
         wrap_model=ray.train.torch.prepare_model,
     )
-    node_ids = ",".join(sorted(set(_gather(ray.get_runtime_context().get_node_id()))))
-    devices = ",".join(_gather(str(run.device)))  # rank order: where each worker trains (e.g. "cuda:0,cuda:0")
-    placement_group = ray.util.get_current_placement_group()
-    # Reported so that whoever stops this run early can free its placement group (see
-    # prado_dist.search.train_workarounds.PlacementGroupReleaser).
-    placement_group_id = placement_group.id.hex() if placement_group is not None else ""
-    # Reported with every epoch: the Ray nodes this run's workers train on (multi-node placement is
-    # visible), each rank's device, and the placement group.
-    placement = {"node_ids": node_ids, "devices": devices, "placement_group_id": placement_group_id}
-    # Train V2 takes a starting checkpoint through the loop's config (its trainers no longer accept
-    # resume_from_checkpoint); the run's own latest checkpoint, after a worker failure, comes first.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+    placement = _placement(run)
+    checkpoint = _starting_checkpoint(loop_config)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             run.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=run.device))
@@ -86,11 +74,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report({**metrics, **placement}, checkpoint=reported)
 
     if run.history and run.start_epoch >= config.epochs:
-        # Restored after its last epoch (the run had finished when its driver was killed): report
-        # the final epoch again so that whoever waits for this run (a Tune trial) gets its metrics,
-        # with its checkpoint, which also carries the history of the epochs reported before the kill.
-        with checkpoint.as_directory() as directory:
-            reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-            ray.train.report({**run.history[-1], **placement}, checkpoint=reported)
+        _report_last_epoch_again(run, checkpoint, rank, placement)
         return
     run.fit(on_epoch_end=report)
+
+
+def _placement(run: TrainingRun) -> dict[str, str]:
+    """Reported with every epoch: the Ray nodes this run's workers train on (multi-node placement is
+    visible), each rank's device, and the placement group. Collective: every rank calls it."""
+    node_ids = ",".join(sorted(set(_gather(ray.get_runtime_context().get_node_id()))))
+    devices = ",".join(_gather(str(run.device)))  # rank order: where each worker trains (e.g. "cuda:0,cuda:0")
+    placement_group = ray.util.get_current_placement_group()
+    # Reported so that whoever stops this run early can free its placement group (see
+    # prado_dist.search.train_workarounds.PlacementGroupReleaser).
+    placement_group_id = placement_group.id.hex() if placement_group is not None else ""
+    return {"node_ids": node_ids, "devices": devices, "placement_group_id": placement_group_id}
+
+
+def _starting_checkpoint(loop_config: dict[str, Any]) -> ray.train.Checkpoint | None:
+    """The checkpoint to continue from, if any.
+
+    Train V2 takes a starting checkpoint through the loop's config (its trainers no longer accept
+    resume_from_checkpoint); the run's own latest checkpoint, after a worker failure, comes first.
+    """
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+    return checkpoint
+
+
+def _report_last_epoch_again(
+    run: TrainingRun, checkpoint: ray.train.Checkpoint, rank: int, placement: dict[str, str]
+) -> None:
+    """A run restored after its last epoch (it had finished when its driver was killed) reports the
+    final epoch again, so that whoever waits for this run (a Tune trial) gets its metrics, with its
+    checkpoint, which also carries the history of the epochs reported before the kill."""
+    with checkpoint.as_directory() as directory:
+        reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        ray.train.report({**run.history[-1], **placement}, checkpoint=reported)

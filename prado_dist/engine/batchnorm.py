@@ -72,8 +72,30 @@ def recalibrate_batchnorm(
     if not layers:
         return 0
     moments = [_InputMoments(layer) for layer in layers]
-    handles = [layer.register_forward_pre_hook(hook) for layer, hook in zip(layers, moments, strict=True)]
     batches_tracked = [layer.num_batches_tracked.clone() for layer in layers]
+    images_seen = _measure_inputs(model, layers, moments, batches, preprocess, device, autocast_dtype)
+    _all_reduce(moments)
+    for layer, moment, tracked in zip(layers, moments, batches_tracked, strict=True):
+        mean = moment.sums / moment.count
+        variance = (moment.squares - moment.count * mean.square()) / (moment.count - 1).clamp_min(1)
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(variance.clamp_min(0))
+        layer.num_batches_tracked.copy_(tracked)
+    return int(_summed(torch.tensor([float(images_seen)], dtype=torch.float64, device=device)).item())
+
+
+def _measure_inputs(
+    model: nn.Module,
+    layers: list[nn.modules.batchnorm._BatchNorm],
+    moments: list[_InputMoments],
+    batches: Iterable[torch.Tensor],
+    preprocess: Preprocess,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> int:
+    """Run `batches` through `model` in training mode, each of `moments` summing its layer's inputs;
+    the images seen on this rank. The hooks are removed and the model's mode restored afterwards."""
+    handles = [layer.register_forward_pre_hook(hook) for layer, hook in zip(layers, moments, strict=True)]
     was_training = model.training
     images_seen = 0
     try:
@@ -87,14 +109,7 @@ def recalibrate_batchnorm(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    _all_reduce(moments)
-    for layer, moment, tracked in zip(layers, moments, batches_tracked, strict=True):
-        mean = moment.sums / moment.count
-        variance = (moment.squares - moment.count * mean.square()) / (moment.count - 1).clamp_min(1)
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(variance.clamp_min(0))
-        layer.num_batches_tracked.copy_(tracked)
-    return int(_summed(torch.tensor([float(images_seen)], dtype=torch.float64, device=device)).item())
+    return images_seen
 
 
 def _process_group_active() -> bool:

@@ -1,4 +1,5 @@
-"""A self-contained classifier for inference: preprocessing and softmax inside the module."""
+"""A checkpoint's model after training: evaluated on one split, or as a self-contained classifier for
+inference (preprocessing and softmax inside the module)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,14 @@ def classifier_from_checkpoint(state: dict[str, Any], data: PreparedData) -> Pai
     run = TrainingRun(config, data)
     run.load_model_state(state["model"])
     return PaintingClassifier(run.network, run.image_pipeline, data.classes, config.image_size)
+
+
+def evaluate_checkpoint(
+    state: dict[str, Any], data: PreparedData, split: str = "test", device: str = "auto"
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics and confusion matrix of a checkpoint's model on one split (single process)."""
+    config = checkpoint_config(state).with_overrides({"device": device})
+    run = TrainingRun(config, data)
+    run.load_model_state(state["model"])
+    metrics, counts = run.evaluate(split)
+    return metrics, counts.confusion

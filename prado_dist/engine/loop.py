@@ -97,19 +97,27 @@ def train_one_epoch(
         per_sample = loss_fn(logits, labels)
         loss = per_sample.mean()
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"training loss became {loss_value} at epoch {epoch}, step {step}; lower the learning "
-                "rate (--lr) or check the input data"
-            )
+        _check_finite(loss_value, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         counts.add(logits.detach(), labels, float(per_sample.detach().sum()))
         if on_step is not None:
             on_step(step, loss_value)
-    seconds = time.perf_counter() - started
-    counts = counts.all_reduced()
+    return _training_metrics(counts.all_reduced(), classes, time.perf_counter() - started)
+
+
+def _check_finite(loss_value: float, epoch: int, step: int) -> None:
+    """Stop at the first step whose loss is NaN or infinite: every step after it would be wasted."""
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(
+            f"training loss became {loss_value} at epoch {epoch}, step {step}; lower the learning "
+            "rate (--lr) or check the input data"
+        )
+
+
+def _training_metrics(counts: Counts, classes: list[str], seconds: float) -> dict[str, float]:
+    """The epoch's train loss/accuracy from the counts of all ranks, and its throughput."""
     metrics = metrics_from_counts(counts, classes, prefix="train_")
     keep = ("train_loss", "train_accuracy", "train_balanced_accuracy")
     metrics = {key: metrics[key] for key in keep}

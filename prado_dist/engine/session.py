@@ -3,7 +3,8 @@
 `TrainingRun` is the one training loop of prado_dist. The single-process CLI drives it directly;
 the Ray Train layer (prado_dist.distributed) drives the same object on every worker, passing its
 rank, the world size and a function that wraps the model for data parallelism. Nothing here
-imports Ray.
+imports Ray. Its parts are made in network.py (model, optimiser), loaders.py (each rank's
+batches) and process.py (device, threads, seeds); diagnosis.py names a one-class validation's cause.
 
 With a frozen transfer backbone and no augmentation the run trains the head alone on cached
 features (features.py): `network` is always the whole model, `model` is what the loops train (the
@@ -19,22 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from prado_dist.config import SCHEDULABLE, ConfigError, TrainConfig
-from prado_dist.data import PaintingsDataset, PreparedData, class_weights, output_bias, prepare_data, split_counts
+from prado_dist.data import PaintingsDataset, PreparedData, class_weights, split_counts
 from prado_dist.engine.batchnorm import recalibrate_batchnorm, training_batchnorm_layers
-from prado_dist.engine.checkpoint import CheckpointError, checkpoint_config
+from prado_dist.engine.checkpoint import CheckpointError
+from prado_dist.engine.diagnosis import one_class_cause, single_predicted_class
 from prado_dist.engine.features import (
     FeatureDataset,
     FeatureHead,
@@ -42,69 +41,15 @@ from prado_dist.engine.features import (
     feature_cache_decision,
     load_or_build_features,
 )
+from prado_dist.engine.loaders import loader_processes, recalibration_loader, split_loaders
 from prado_dist.engine.loop import InputPipeline, evaluate, train_one_epoch, weighted_cross_entropy
-from prado_dist.engine.schedule import exponential_decay_after, set_learning_rate
+from prado_dist.engine.network import build_optimisation, model_kwargs, place_network
+from prado_dist.engine.process import cpu_threads, resolve_device, seed_everything
+from prado_dist.engine.schedule import set_learning_rate
 from prado_dist.models import TransferModel, create_model
 
 logger = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float], "TrainingRun"], None]
-
-
-def load_data(config: TrainConfig) -> PreparedData:
-    """The decoded, split images that `config` trains on (decoded once per machine, then reused)."""
-    return prepare_data(
-        config.data_dir,
-        config.image_size,
-        cache_dir=config.cache_dir,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-    )
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """ "auto" -> this rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's own message lists every device type it was built with
-        raise ValueError(
-            f"device {name!r} is not a PyTorch device; use auto, cpu or cuda (cuda:N for GPU N)"
-            + ("" if torch.cuda.is_available() else "; no CUDA GPU is visible here, so auto means cpu")
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def cpu_threads(local_world_size: int = 1) -> int:
-    """Intra-op threads per process: Ray's OMP_NUM_THREADS when set, else the cores shared out."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
-
-
-class ShardSampler(Sampler[int]):
-    """Every `world_size`-th index from `rank`: disjoint shards covering a split exactly once.
-
-    Unlike DistributedSampler, it never pads, so no validation image is counted twice.
-    """
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -150,6 +95,19 @@ class TrainingRun:
 
         train_counts = split_counts(data)["train"]
         model = self._build_network(train_counts)
+        trained = self._set_up_models(model)
+        self._set_up_training(model, trained, train_counts, wrap_model)
+        self._loader_workers = loader_workers
+        self._loaders: dict[str, DataLoader] | None = None
+        self.start_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.settings_history: list[dict[str, float]] = []  # per epoch: the SCHEDULABLE values it trained with
+        self._warned_one_class = False
+
+    def _set_up_models(self, model: nn.Module) -> nn.Module:
+        """`network`, its average, the input pipelines and whether features are cached; returns what
+        the loops train (the head alone on cached features, else the whole model)."""
+        config = self.config
         self.network = model  # the whole model as trained
         # The averaged copy: validation, checkpoints' "model" and exports use it (None: `network`).
         self.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
@@ -158,51 +116,36 @@ class TrainingRun:
         self.use_features, message = feature_cache_decision(config, model)
         self.features_built = False  # True once this run (not an earlier one) ran the backbone over the data
         self.features_seconds = 0.0  # spent getting the features: the backbone pass, or opening the file
-        if rank == 0:
+        if self.rank == 0:
             self._announce_choices(message, model)
         trained = FeatureHead(model) if self.use_features else model
         self.pipeline = FeaturePipeline() if self.use_features else self.image_pipeline
+        return trained
+
+    def _set_up_training(
+        self,
+        model: nn.Module,
+        trained: nn.Module,
+        train_counts: list[int],
+        wrap_model: Callable[[nn.Module], nn.Module] | None,
+    ) -> None:
+        """The loss, the optimiser and its schedule over `model`, and `model`: `trained` as the loops run it."""
+        config = self.config
         weights = torch.tensor(class_weights(train_counts), dtype=torch.float32, device=self.device)
         self._class_weights = weights if config.class_weights else None
         self.loss_fn = weighted_cross_entropy(self._class_weights, config.label_smoothing)
-        self.optimizer, self.scheduler = self._build_optimisation(model)
+        self.optimizer, self.scheduler = build_optimisation(config, model)
         # DDP wraps what is trained: with cached features only the head's gradients are all-reduced.
         self.model = wrap_model(trained) if wrap_model is not None else trained
         # bf16 autocast on GPUs (tensor cores); full precision on the CPU, where it would be slower.
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self._loader_workers = loader_workers
-        self._loaders: dict[str, DataLoader] | None = None
-        self.start_epoch = 0
-        self.history: list[dict[str, float]] = []
-        self.settings_history: list[dict[str, float]] = []  # per epoch: the SCHEDULABLE values it trained with
-        self._warned_one_class = False
-
-    def _build_optimisation(self, model: nn.Module):
-        config = self.config
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        # Keras Adam defaults (report): beta1 0.9, beta2 0.999, epsilon 1e-7.
-        optimizer = torch.optim.Adam(
-            trainable, lr=config.lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=config.weight_decay
-        )
-        return optimizer, exponential_decay_after(optimizer, config.decay_start, config.decay)
 
     def _build_network(self, train_counts: list[int]) -> nn.Module:
         """The configured model on this run's device, in the layout and BatchNorm this run trains with."""
-        config = self.config
-        model = create_model(config.model, num_classes=len(self.classes), **self._model_kwargs(train_counts))
-        if config.bn_momentum is not None:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.momentum = config.bn_momentum
-        model = model.to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-            if self.world_size > 1:
-                # BatchNorm statistics over the whole global batch, as in one process (the report's
-                # 32 images), not over each GPU's shard. SyncBatchNorm exists for GPUs only: on the
-                # CPU every worker normalises its own shard (docs/distributed.md).
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model
+        model = create_model(
+            self.config.model, num_classes=len(self.classes), **model_kwargs(self.config, train_counts)
+        )
+        return place_network(model, self.config.bn_momentum, self.device, self.world_size)
 
     def _announce_choices(self, feature_message: str | None, model: nn.Module) -> None:
         """Say once whether backbone features are cached, and when a transfer backbone is untrained."""
@@ -216,19 +159,6 @@ class TrainingRun:
                 logging.WARNING,
             )
 
-    def _model_kwargs(self, train_counts: list[int]) -> dict[str, Any]:
-        config = self.config
-        kwargs: dict[str, Any] = {"image_size": config.image_size}
-        if config.output_bias:
-            kwargs["output_bias"] = output_bias(train_counts).tolist()
-        if config.dropout:
-            kwargs["dropout"] = config.dropout
-        if config.pretrained is not None:
-            kwargs["pretrained"] = config.pretrained
-        if config.unfreeze_stages:
-            kwargs["unfreeze_stages"] = config.unfreeze_stages
-        return kwargs
-
     @property
     def loaders(self) -> dict[str, DataLoader]:
         """train/val/test loaders, made on first use: a cached run computes or opens its features then,
@@ -239,9 +169,7 @@ class TrainingRun:
 
     def _make_loaders(self, workers: int | None) -> dict[str, DataLoader]:
         on_gpu = self.device.type == "cuda"
-        # Batches are memcpy'd from the memory-mapped cache: on a CPU-only machine extra loader
-        # processes only compete with training for the same cores; on a GPU they keep it fed.
-        workers = workers if workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
+        workers = loader_processes(workers, on_gpu)
         if self.use_features:
             workers = 0  # a batch of cached features is one in-memory index: nothing to parallelise
             cached = load_or_build_features(
@@ -257,17 +185,15 @@ class TrainingRun:
             def dataset_of(split: str) -> Dataset:
                 return PaintingsDataset(self.data, split)
 
-        common = {"num_workers": workers, "pin_memory": on_gpu, "persistent_workers": workers > 0}
-        per_rank_batch = self.config.batch_size // self.world_size
-        train = dataset_of("train")
-        self.train_sampler = DistributedSampler(
-            train, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.config.seed
+        loaders, self.train_sampler = split_loaders(
+            dataset_of,
+            batch_size=self.config.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.config.seed,
+            workers=workers,
+            pin_memory=on_gpu,
         )
-        loaders = {"train": DataLoader(train, per_rank_batch, sampler=self.train_sampler, **common)}
-        for split in ("val", "test"):
-            dataset = dataset_of(split)
-            sampler = ShardSampler(len(dataset), self.rank, self.world_size)
-            loaders[split] = DataLoader(dataset, per_rank_batch, sampler=sampler, **common)
         return loaders
 
     # --- one epoch ----------------------------------------------------------------------------
@@ -355,51 +281,32 @@ class TrainingRun:
         return time.perf_counter() - started
 
     def _recalibration_loader(self, images: int) -> DataLoader:
-        """This rank's share of `images` training images (a fixed random subset), in whole batches.
-
-        Every rank gets as many batches as the others (SyncBatchNorm's forward is collective), and
-        the loader has its own generator: the pass draws nothing from the global random stream, so
-        training (dropout) goes on exactly as without it.
-        """
-        per_rank_batch = self.config.batch_size // self.world_size
-        train_size = len(self.data.splits["train"])
-        # At least 2 images a rank: train-mode BatchNorm1d (VGG's head) refuses a batch of one.
-        per_rank = max(2, min(images, train_size) // self.world_size)
-        if per_rank >= per_rank_batch:
-            per_rank -= per_rank % per_rank_batch  # no small last batch: its batch statistics would be noisy
-        order = torch.randperm(train_size, generator=torch.Generator().manual_seed(self.config.seed)).tolist()
-        indices = order[: per_rank * self.world_size][self.rank :: self.world_size]
-        subset = Subset(PaintingsDataset(self.data, "train"), indices)
-        return DataLoader(subset, per_rank_batch, generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+        """This rank's share of `images` training images, the same ones every time (loaders.py)."""
+        return recalibration_loader(
+            self.data,
+            images,
+            batch_size=self.config.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.config.seed,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _warn_if_one_class(self, epoch: int, counts: Any) -> None:
         """Warn once per run when validation predicts the same class for every image."""
-        predicted = counts.confusion.sum(dim=0)
-        present = int((counts.confusion.sum(dim=1) > 0).sum())
-        if self._warned_one_class or self.rank != 0 or present < 2 or int((predicted > 0).sum()) != 1:
+        if self._warned_one_class or self.rank != 0:
+            return
+        only = single_predicted_class(counts)
+        if only is None:
             return
         self._warned_one_class = True
-        only = self.classes[int(predicted.argmax())]
-        if self.config.bn_recalibration_images is None:
-            momentum = self.config.bn_momentum or "the models' Keras 0.01"
-            cause = (
-                f"Likely cause: BatchNorm running statistics that still lag the weights (bn_momentum {momentum}); "
-                "recompute them before validation with bn_recalibration_images=256 (--set "
-                "bn_recalibration_images=256), or set bn_momentum=0.1"
-            )
-        else:
-            cause = (
-                "The BatchNorm statistics were recomputed, so the weights themselves predict one class: likely "
-                f"a learning rate too high for this data (lr={self.config.lr:g}) or too few epochs; try a lower "
-                "lr or more epochs"
-            )
         logger.warning(
             "%s: validation after epoch %d predicted %r for all %d images. %s",
             self.config.model,
             epoch + 1,
-            only,
+            self.classes[only],
             counts.samples,
-            cause,
+            one_class_cause(self.config),
         )
 
     @property
@@ -487,14 +394,3 @@ class TrainingRun:
             self.ema.module.load_state_dict(model_state)
         if self.use_features:
             self._loaders = None  # features are keyed by the backbone's weights: reopen (or build) them
-
-
-def evaluate_checkpoint(
-    state: dict[str, Any], data: PreparedData, split: str = "test", device: str = "auto"
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics and confusion matrix of a checkpoint's model on one split (single process)."""
-    config = checkpoint_config(state).with_overrides({"device": device})
-    run = TrainingRun(config, data)
-    run.load_model_state(state["model"])
-    metrics, counts = run.evaluate(split)
-    return metrics, counts.confusion

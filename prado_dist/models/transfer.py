@@ -150,20 +150,7 @@ def build_backbone(timm_name: str, pretrained: Path | str | bool | None) -> nn.M
     if pretrained is not None and str(pretrained) in (HF_CACHE, PACKAGE):
         pretrained = str(pretrained)  # TrainConfig.pretrained is a Path: Path("hf-cache") != "hf-cache"
     if pretrained == HF_CACHE:
-        from huggingface_hub import constants
-
-        try:
-            with hub_offline():
-                backbone = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as err:  # hub errors differ by version (LocalEntryNotFoundError, OSError, ...)
-            hub_id = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None) or timm_name
-            raise FileNotFoundError(
-                f"no cached pretrained weights for timm model '{timm_name}' (hub repo {hub_id}) in the "
-                f"Hugging Face cache {constants.HF_HUB_CACHE}; nothing is downloaded here. On a machine "
-                f"with internet run `{export_command(timm_name)}` and pass the file as pretrained=<path>, "
-                f"or fill a cache there with timm.create_model('{timm_name}', pretrained=True) and copy "
-                f"it to this one. ({type(err).__name__}: {err})"
-            ) from err
+        backbone = _create_from_hf_cache(timm_name, kwargs)
     else:
         backbone = timm.create_model(timm_name, pretrained=False, **kwargs)
     if isinstance(backbone, timm.models.VGG):
@@ -177,6 +164,25 @@ def build_backbone(timm_name: str, pretrained: Path | str | bool | None) -> nn.M
         path = Path(pretrained).expanduser()
         load_backbone_weights(backbone, weight_file(timm_name, path), source=str(path))
     return backbone
+
+
+def _create_from_hf_cache(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The timm model with its pretrained weights from the local Hugging Face cache, never downloaded;
+    FileNotFoundError says how to get them onto this machine."""
+    from huggingface_hub import constants
+
+    try:
+        with hub_offline():
+            return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except Exception as err:  # hub errors differ by version (LocalEntryNotFoundError, OSError, ...)
+        hub_id = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None) or timm_name
+        raise FileNotFoundError(
+            f"no cached pretrained weights for timm model '{timm_name}' (hub repo {hub_id}) in the "
+            f"Hugging Face cache {constants.HF_HUB_CACHE}; nothing is downloaded here. On a machine "
+            f"with internet run `{export_command(timm_name)}` and pass the file as pretrained=<path>, "
+            f"or fill a cache there with timm.create_model('{timm_name}', pretrained=True) and copy "
+            f"it to this one. ({type(err).__name__}: {err})"
+        ) from err
 
 
 def weight_file(timm_name: str, path: Path) -> dict[str, torch.Tensor]:
@@ -272,10 +278,19 @@ class TransferModel(nn.Module):
             tuple(self.data_config["std"]),
         )
 
+        self._freeze_all_but_last_stages(unfreeze_stages)
+
+        self.global_pool = nn.AdaptiveMaxPool2d(1) if global_pool == "max" else nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(dropout)
+        self.classifier = self._make_classifier(num_classes, output_bias)
+        self.train()
+
+    def _freeze_all_but_last_stages(self, unfreeze_stages: int) -> None:
+        """Freeze the backbone except its last `unfreeze_stages` stages; `frozen_modules` names the rest."""
         self.stages = backbone_stages(self.backbone)
         if not 0 <= unfreeze_stages <= len(self.stages):
             raise ValueError(
-                f"unfreeze_stages must be between 0 and {len(self.stages)} (the stages of {timm_name}), "
+                f"unfreeze_stages must be between 0 and {len(self.stages)} (the stages of {self.timm_name}), "
                 f"got {unfreeze_stages}"
             )
         self.unfreeze_stages = unfreeze_stages
@@ -287,11 +302,6 @@ class TransferModel(nn.Module):
         # Everything else stays in eval mode (see train()); "" is the backbone itself.
         all_modules = {name for name, _ in self.backbone.named_modules()}
         self.frozen_modules = all_modules - trainable_modules
-
-        self.global_pool = nn.AdaptiveMaxPool2d(1) if global_pool == "max" else nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(dropout)
-        self.classifier = self._make_classifier(num_classes, output_bias)
-        self.train()
 
     def _make_classifier(self, num_classes: int, output_bias: Sequence[float] | None) -> nn.Module:
         # Keras Dense default initialiser: the report's new head sets none.

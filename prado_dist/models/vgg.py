@@ -51,6 +51,31 @@ class DenseBnPReLU(nn.Sequential):
         super().__init__(dense, batch_norm_1d(units), prelu)
 
 
+def conv_blocks(layers: Sequence[tuple[int, int] | str], in_channels: int) -> tuple[nn.Sequential, int]:
+    """The convolutional part, one ConvBnAct per (channels, kernel size) and a 2x2/2 average pool per
+    POOL, in order; also the channels of its output."""
+    features: list[nn.Module] = []
+    channels = in_channels
+    for layer in layers:
+        if layer == POOL:
+            features.append(nn.AvgPool2d(kernel_size=2, stride=2))
+        else:
+            out_channels, kernel_size = layer
+            features.append(ConvBnAct(channels, out_channels, kernel_size))
+            channels = out_channels
+    return nn.Sequential(*features), channels
+
+
+def dense_blocks(in_features: int, dense_units: Sequence[int]) -> nn.Sequential:
+    """Dense -> BN -> PReLU layers of `dense_units` widths, between the flatten and the classifier."""
+    hidden: list[nn.Module] = []
+    width = in_features
+    for units in dense_units:
+        hidden.append(DenseBnPReLU(width, units))
+        width = units
+    return nn.Sequential(*hidden)
+
+
 # --- model ------------------------------------------------------------------------------------------
 
 
@@ -77,26 +102,13 @@ class VGG(nn.Module):
         self.num_classes = num_classes
         self.image_size = image_size
 
-        features: list[nn.Module] = []
-        channels = in_channels
-        for layer in layers:
-            if layer == POOL:
-                features.append(nn.AvgPool2d(kernel_size=2, stride=2))
-            else:
-                out_channels, kernel_size = layer
-                features.append(ConvBnAct(channels, out_channels, kernel_size))
-                channels = out_channels
-        self.features = nn.Sequential(*features)
+        self.features, channels = conv_blocks(layers, in_channels)
 
         # Each "valid" 2x2/2 pool floors the size, and floor(floor(n/2)/2) == floor(n/4): the flattened
         # map is (image_size // 16)**2 * 512 = 14*14*512 = 100,352 at 224 (Keras summary, "Flatten").
         self.flat_features = (image_size // 2**num_pools) ** 2 * channels
-        hidden: list[nn.Module] = []
-        width = self.flat_features
-        for units in dense_units:
-            hidden.append(DenseBnPReLU(width, units))
-            width = units
-        self.hidden = nn.Sequential(*hidden)
+        self.hidden = dense_blocks(self.flat_features, dense_units)
+        width = dense_units[-1] if dense_units else self.flat_features
         self.num_features = width  # input width of the classifier (timm convention)
         self.head_drop = nn.Dropout(dropout)
         self.classifier = make_classifier(width, num_classes, output_bias)

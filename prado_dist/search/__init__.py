@@ -6,13 +6,13 @@ it, results.py what it found, report.py what it records, runner.py the order of 
 """
 
 from prado_dist.config import parse_set, tracking_uri
+from prado_dist.search.mlflow_experiment import TrackingError
 from prado_dist.search.preflight import check_search
 from prado_dist.search.results import SearchOutcome
 from prado_dist.search.runner import PreparedSearch, prepare_search, run_prepared, run_search
 from prado_dist.search.searcher import PruningAwareOptunaSearch
 from prado_dist.search.settings import SearchError, SearchInterrupted, SearchSettings
 from prado_dist.search.space import SearchSpace, known_spaces, load_space
-from prado_dist.search.tracking import TrackingError
 
 __all__ = [
     "PreparedSearch",

@@ -25,6 +25,7 @@ from prado_dist.data import PreparedData
 from prado_dist.distributed import check_data_on_nodes
 from prado_dist.engine import load_data
 from prado_dist.search.importance import parameter_importances
+from prado_dist.search.mlflow_experiment import connect, dataset_input, git_commit
 from prado_dist.search.population import record_population
 from prado_dist.search.report import log_outcome
 from prado_dist.search.results import (
@@ -44,7 +45,7 @@ from prado_dist.search.storage import (
     read_state,
     write_state,
 )
-from prado_dist.search.tracking import SearchTracker, connect, dataset_input, git_commit
+from prado_dist.search.tracking import SearchTracker
 from prado_dist.search.tuner import build_tuner, make_trainable, searcher_description
 
 logger = logging.getLogger(__name__)

@@ -51,6 +51,16 @@ def make_trainable(
     )
 
 
+def warn_if_population_waits(space: SearchSpace, concurrent: int) -> None:
+    if space.scheduler.population_based and concurrent < space.num_samples:
+        logger.warning(
+            "%d of the %d members train at a time: members compare while they train, so the later ones "
+            "copy from a population that has moved on; lower num_samples or give each trial less",
+            concurrent,
+            space.num_samples,
+        )
+
+
 def build_tuner(
     settings: SearchSettings,
     location: SearchLocation,
@@ -69,13 +79,7 @@ def build_tuner(
     resources = space.trial.worker_resources()
     check_fits(resources, concurrent=space.max_concurrent or 1)
     concurrent = space.max_concurrent or max_concurrent_runs(resources)
-    if space.scheduler.population_based and concurrent < space.num_samples:
-        logger.warning(
-            "%d of the %d members train at a time: members compare while they train, so the later ones "
-            "copy from a population that has moved on; lower num_samples or give each trial less",
-            concurrent,
-            space.num_samples,
-        )
+    warn_if_population_waits(space, concurrent)
     return tune.Tuner(
         trainable,
         param_space=space.tune_space(),

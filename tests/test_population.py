@@ -234,8 +234,10 @@ def test_a_killed_population_resumes_where_its_members_were(small_demo: Path, tm
     summary = json.loads((storage / "population" / "summary" / "summary.json").read_text())
     assert len(summary["trials"]) == 4  # the population of the first run, none added
     for trial in summary["trials"].values():  # every member trained to the end
+        # A member's curve is what it reported, in order: one that copied a donor's older epoch reports
+        # that epoch's successor again ([1, 2, 3, 3, 4]: at epoch 3 it copied a donor's epoch 2).
         epochs = [epoch for epoch, _ in trial["curve"]]
-        assert trial["epochs"] == 4 and epochs[-1] == 4 and epochs == sorted(set(epochs)), trial
+        assert trial["epochs"] == 4 and epochs[-1] == 4 and epochs[0] == 1, trial
     # (Which epoch a member resumes from is Tune's: the newest checkpoint its experiment state had
     # saved before the kill, which may be none yet, so that is not asserted.)
     assert sum(before.values()) < 16 and (storage / "population" / "summary" / "schedule.json").is_file()
